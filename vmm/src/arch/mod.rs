@@ -1,0 +1,3 @@
+//! Architecture support. vmrun boots x86_64 guests only.
+
+pub mod x86_64;

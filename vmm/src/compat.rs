@@ -1,0 +1,142 @@
+//! Hosts whose KVM emulates guest ring 0 (nested PVM): how vmrun finds out, and what it adds
+//! for them. Detection times a ring-0 loop against a ring-3 loop in test guests; the guest
+//! kernel variant and command line in `images/kernel/pvm/` are chosen from the result.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::arch::x86_64::gdt::CpuMode;
+use crate::builder::{Payload, StartError, VmConfig, Vmm};
+use crate::devices::legacy::serial::ConsoleSink;
+use crate::testguest;
+
+/// Kernel command line the PVM variant needs (each entry explained in the file's comments).
+const PVM_CMDLINE_FILE: &str = include_str!("../../images/kernel/pvm/cmdline");
+
+/// The PVM command line with comments and line breaks removed.
+pub fn pvm_cmdline() -> String {
+    PVM_CMDLINE_FILE
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Ring-0 loop iterations: ~10 ms where ring 0 is emulated, microseconds where it is not.
+const RING0_ITERS: u32 = 2_000;
+/// Ring-3 loop iterations: a few ms natively.
+const RING3_ITERS: u32 = 10_000_000;
+/// A ring-0 loop iteration slower than this is emulated (native: ~0.3 ns; emulated: ~4 µs).
+const EMULATED_NS: f64 = 100.0;
+
+#[derive(Clone, Copy, Debug)]
+pub struct RingProbe {
+    pub ring0_ns_per_iter: f64,
+    pub ring3_ns_per_iter: f64,
+}
+
+impl RingProbe {
+    pub fn ring0_emulated(&self) -> bool {
+        self.ring0_ns_per_iter > EMULATED_NS
+    }
+}
+
+fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, StartError> {
+    let g = testguest::spin(iterations, mode);
+    let vmm = Vmm::start(VmConfig {
+        payload: Payload::Program {
+            code: g.code,
+            mode: g.mode,
+        },
+        mem_mib: 32,
+        vcpus: 1,
+        console: ConsoleSink::None,
+    })?;
+    let reason = vmm.wait(Some(Duration::from_secs(20)));
+    let s = vmm.probe_samples();
+    match (reason, s.as_slice()) {
+        (Some(_), [(t0, _), (t1, _), ..]) => {
+            Ok(t1.duration_since(*t0).as_nanos() as f64 / f64::from(iterations))
+        }
+        (r, _) => Err(StartError::Kernel {
+            path: "<timing probe>".into(),
+            msg: format!("probe guest ended with {r:?}"),
+        }),
+    }
+}
+
+/// Runs both loops (a few tens of ms in all).
+pub fn probe() -> Result<RingProbe, StartError> {
+    Ok(RingProbe {
+        ring0_ns_per_iter: time_loop(RING0_ITERS, CpuMode::Long64)?,
+        ring3_ns_per_iter: time_loop(RING3_ITERS, CpuMode::User64)?,
+    })
+}
+
+/// The probe's answer, computed once per process.
+pub fn ring0_emulated() -> Result<bool, String> {
+    static CACHE: OnceLock<Result<bool, String>> = OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            probe()
+                .map(|p| p.ring0_emulated())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+}
+
+/// Which guest kernel variant and command line to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compat {
+    /// Probe the host: PVM variant when ring 0 is emulated.
+    #[default]
+    Auto,
+    /// Always the PVM compatibility variant.
+    Pvm,
+    /// Never: the hardware kernel and command line.
+    Off,
+}
+
+impl Compat {
+    pub fn resolve(self) -> Result<bool, String> {
+        match self {
+            Compat::Auto => ring0_emulated(),
+            Compat::Pvm => Ok(true),
+            Compat::Off => Ok(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pvm_cmdline_drops_comments() {
+        let c = pvm_cmdline();
+        assert!(c.contains("clearcpuid="));
+        assert!(!c.contains('#'));
+        assert!(!c.contains('\n'));
+        // The kernel truncates a clearcpuid= value of 128 characters or more.
+        for word in c.split_whitespace() {
+            if let Some(v) = word.strip_prefix("clearcpuid=") {
+                assert!(v.len() < 128, "clearcpuid value is {} chars", v.len());
+            }
+        }
+    }
+
+    #[test]
+    fn threshold_separates_the_two_regimes() {
+        let native = RingProbe {
+            ring0_ns_per_iter: 2.5,
+            ring3_ns_per_iter: 0.4,
+        };
+        let pvm = RingProbe {
+            ring0_ns_per_iter: 4300.0,
+            ring3_ns_per_iter: 0.4,
+        };
+        assert!(!native.ring0_emulated());
+        assert!(pvm.ring0_emulated());
+    }
+}

@@ -1,0 +1,120 @@
+//! `vmrun doctor`: what this host can do — KVM, whether guest ring 0 runs at hardware speed, the
+//! images, and which test tiers can run here.
+
+use std::fmt::Write as _;
+
+use crate::compat::{self, RingProbe};
+use crate::images;
+use crate::vstate::vm;
+
+pub struct Report {
+    pub kvm: Result<(), String>,
+    pub probe: Option<Result<RingProbe, String>>,
+    pub images: Vec<(&'static str, std::path::PathBuf, bool)>,
+    pub root: bool,
+    pub overlayfs: bool,
+    pub loop_devices: bool,
+}
+
+impl Report {
+    pub fn gather() -> Report {
+        let kvm = vm::open_kvm()
+            .and_then(|k| vm::create_vm(&k).map(drop))
+            .map_err(|e| e.to_string());
+        let probe = kvm
+            .is_ok()
+            .then(|| compat::probe().map_err(|e| e.to_string()));
+        let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        Report {
+            kvm,
+            probe,
+            images: images::inventory(),
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            root: unsafe { libc::geteuid() } == 0,
+            overlayfs: filesystems
+                .lines()
+                .any(|l| l.trim_end().ends_with("overlay")),
+            loop_devices: std::path::Path::new("/dev/loop-control").exists(),
+        }
+    }
+
+    fn emulated(&self) -> Option<bool> {
+        match &self.probe {
+            Some(Ok(p)) => Some(p.ring0_emulated()),
+            _ => None,
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.images.iter().any(|(n, _, ok)| *n == name && *ok)
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let ok = |b: bool| if b { "ok " } else { "-- " };
+        match &self.kvm {
+            Ok(()) => o.push_str("ok  /dev/kvm: usable (VM with IRQ chip and PIT created)\n"),
+            Err(e) => {
+                let _ = writeln!(o, "--  /dev/kvm: {e}");
+            }
+        }
+        match &self.probe {
+            Some(Ok(p)) => {
+                let _ = writeln!(
+                    o,
+                    "{}  guest ring 0: {:.1} ns/iteration vs ring 3 {:.2} ns/iteration: {}",
+                    ok(true),
+                    p.ring0_ns_per_iter,
+                    p.ring3_ns_per_iter,
+                    if p.ring0_emulated() {
+                        "EMULATED (nested PVM or similar): the PVM compatibility kernel variant is used"
+                    } else {
+                        "hardware speed: the hardware kernel is used"
+                    }
+                );
+            }
+            Some(Err(e)) => {
+                let _ = writeln!(o, "--  guest ring-0 probe failed: {e}");
+            }
+            None => o.push_str("--  guest ring-0 probe: skipped (no KVM)\n"),
+        }
+        o.push_str("images (");
+        o.push_str(&images::cache_dir().display().to_string());
+        o.push_str("):\n");
+        for (name, path, present) in &self.images {
+            let _ = writeln!(
+                o,
+                "  {}{name:<16} {}",
+                ok(*present),
+                if *present {
+                    path.display().to_string()
+                } else {
+                    "not built (run `vmrun images build`)".into()
+                }
+            );
+        }
+        let kvm = self.kvm.is_ok();
+        let kernel = match self.emulated() {
+            Some(true) => images::KERNEL_PVM,
+            _ => images::KERNEL,
+        };
+        let t4 = kvm && self.has(kernel) && self.has(images::INITRAMFS);
+        o.push_str("test tiers:\n");
+        let _ = writeln!(o, "  ok T1 unit: always");
+        let t2 = self.root && self.overlayfs && self.loop_devices;
+        let _ = writeln!(o, "  {}T2 guest code on the host (root, overlayfs, loop devices): root={} overlayfs={} loop={}", ok(t2), self.root, self.overlayfs, self.loop_devices);
+        let _ = writeln!(o, "  {}T3 KVM with small test guests", ok(kvm));
+        let expect = match self.emulated() {
+            Some(true) => "expect about 1-2 minutes from start to the guest init (ring 0 emulated)",
+            Some(false) => "expect well under a second to the guest init",
+            None => "boot time unknown",
+        };
+        let _ = writeln!(
+            o,
+            "  {}T4 full Linux guest (needs {kernel} and {}): {expect}",
+            ok(t4),
+            images::INITRAMFS
+        );
+        o
+    }
+}

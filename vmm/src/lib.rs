@@ -1,0 +1,15 @@
+//! vmrun: a microVM launcher on KVM.
+//!
+//! The crate is both the library that harnesses use and the `vmrun` binary. The VMM itself runs
+//! as its own process, one per VM; see DESIGN.md.
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod cmdline;
+pub mod compat;
+pub mod devices;
+pub mod doctor;
+pub mod images;
+pub mod testguest;
+pub mod vstate;

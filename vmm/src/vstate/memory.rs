@@ -1,0 +1,61 @@
+//! Guest RAM: anonymous mappings split around the MMIO gap and registered with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::ram_ranges;
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Allocate {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("guest memory size {0} bytes does not fit this host's address space")]
+    TooLarge(u64),
+    #[error("KVM refused guest memory region {slot}: {source}")]
+    Register {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges = ram_ranges(mem_size)
+        .into_iter()
+        .map(|(start, len)| {
+            Ok((
+                GuestAddress(start),
+                usize::try_from(len).map_err(|_| MemoryError::TooLarge(mem_size))?,
+            ))
+        })
+        .collect::<Result<Vec<_>, MemoryError>>()?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+        mib: mem_size >> 20,
+        source,
+    })
+}
+
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::TooLarge(region.len()))?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, of exactly `memory_size` bytes, and
+        // the caller keeps `mem` alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}

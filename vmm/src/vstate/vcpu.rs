@@ -1,0 +1,307 @@
+//! vCPU setup and run loop. Each vCPU runs on its own thread; PIO and MMIO exits go to the
+//! buses, every other exit either continues or ends the VM with a reason. Stopping a vCPU that
+//! sits in KVM_RUN is done by a signal that makes the ioctl return EINTR.
+
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_mp_state, CpuId, Msrs, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+use super::{ExitReason, ExitState};
+use crate::arch::x86_64::gdt::CpuMode;
+use crate::arch::x86_64::{cpuid, msr, regs};
+use crate::devices::Bus;
+
+/// LAPIC register offsets and delivery modes for LINT0/LINT1.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {0}: {1}")]
+    Create(u8, kvm_ioctls::Error),
+    #[error("vCPU {cpu}: {what} failed: {source}")]
+    Setup {
+        cpu: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {cpu}: KVM accepted {set} of {want} boot MSRs")]
+    Msrs { cpu: u8, set: usize, want: usize },
+    #[error("vCPU {cpu}: writing boot structures to guest memory failed: {msg}")]
+    Memory { cpu: u8, msg: String },
+    #[error("cannot start the vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The PIO and MMIO buses, shared by all vCPUs.
+#[derive(Default)]
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// How a vCPU starts.
+pub struct VcpuSetup<'a> {
+    pub mode: CpuMode,
+    pub entry: u64,
+    pub stack: Option<u64>,
+    pub base_cpuid: &'a CpuId,
+    pub count: u8,
+    /// Start application processors running (test guests) instead of waiting for INIT/SIPI.
+    pub all_runnable: bool,
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+    buses: Arc<Buses>,
+    exit: Arc<ExitState>,
+}
+
+fn setup_err(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Setup { cpu, what, source }
+}
+
+fn set_lapic_reg(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
+    let mut raw = [0u8; 4];
+    for (i, b) in raw.iter_mut().enumerate() {
+        *b = regs[offset + i] as u8;
+    }
+    let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as std::os::raw::c_char;
+    }
+}
+
+impl Vcpu {
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        buses: Arc<Buses>,
+        exit: Arc<ExitState>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Create(index, e))?;
+        Ok(Vcpu {
+            fd,
+            index,
+            buses,
+            exit,
+        })
+    }
+
+    pub fn configure(&mut self, mem: &GuestMemoryMmap, s: &VcpuSetup) -> Result<(), VcpuError> {
+        let cpu = self.index;
+        let mut cpuid = s.base_cpuid.clone();
+        cpuid::normalize(cpuid.as_mut_slice(), cpu, s.count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(setup_err(cpu, "KVM_SET_CPUID2"))?;
+
+        let entries = msr::boot_msr_entries();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+            cpu,
+            set: 0,
+            want: entries.len(),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(setup_err(cpu, "KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                cpu,
+                set,
+                want: entries.len(),
+            });
+        }
+
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(setup_err(cpu, "KVM_GET_SREGS"))?;
+        let sregs = regs::initial_sregs(mem, s.mode, sregs).map_err(|e| VcpuError::Memory {
+            cpu,
+            msg: e.to_string(),
+        })?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(setup_err(cpu, "KVM_SET_SREGS"))?;
+        let mut r = regs::initial_regs(s.mode, s.entry, s.stack);
+        // Test guests learn which vCPU they are from RDI.
+        r.rdi = u64::from(cpu);
+        self.fd
+            .set_regs(&r)
+            .map_err(setup_err(cpu, "KVM_SET_REGS"))?;
+        self.fd
+            .set_fpu(&regs::initial_fpu())
+            .map_err(setup_err(cpu, "KVM_SET_FPU"))?;
+
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(setup_err(cpu, "KVM_GET_LAPIC"))?;
+        set_lapic_reg(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lapic_reg(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(setup_err(cpu, "KVM_SET_LAPIC"))?;
+
+        if s.all_runnable && cpu != 0 {
+            let st = kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            self.fd
+                .set_mp_state(st)
+                .map_err(setup_err(cpu, "KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the run loop on its own thread.
+    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+        install_kick_handler();
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.index))
+            .spawn(move || self.run_loop())
+            .map_err(VcpuError::Thread)
+    }
+
+    fn run_loop(mut self) {
+        while !self.exit.should_stop() {
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+            }
+        }
+    }
+
+    /// One KVM_RUN; `Some` ends the VM.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let cpu = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.buses.pio.write(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.buses.pio.read(u64::from(port), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.buses.mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.buses.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => Some(ExitReason::VcpuError {
+                cpu,
+                message: "halted with the in-kernel IRQ chip off".into(),
+            }),
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { cpu }),
+            Ok(VcpuExit::FailEntry(reason, _)) => Some(ExitReason::FailEntry { cpu, reason }),
+            Ok(VcpuExit::InternalError) => Some(self.internal_error()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_CRASH => {
+                    ExitReason::SystemEvent { cpu, kind }
+                }
+                _ => ExitReason::SystemEvent { cpu, kind },
+            }),
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(other) => Some(ExitReason::VcpuError {
+                cpu,
+                message: format!("unexpected exit {other:?}"),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(ExitReason::VcpuError {
+                cpu,
+                message: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+
+    fn internal_error(&mut self) -> ExitReason {
+        let cpu = self.index;
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the `internal`
+        // member of the exit union; every bit pattern is a valid value of its integer fields.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        ExitReason::InternalError {
+            cpu,
+            suberror: internal.suberror,
+            rip,
+            data: internal.data[..n].to_vec(),
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            log::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+}
+
+/// Interrupts the vCPU thread until it has left its run loop, then joins it. The stop flag must
+/// already be set. Kicks repeat because a signal that lands just before KVM_RUN is entered would
+/// otherwise be lost.
+pub fn stop_and_join(handle: JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    while !handle.is_finished() {
+        // SAFETY: the thread has not been joined, so its pthread_t is valid; the signal has a
+        // handler installed (`install_kick_handler`) that does nothing.
+        unsafe { libc::pthread_kill(handle.as_pthread_t(), kick_signal()) };
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if handle.join().is_err() {
+        log::error!("a vCPU thread panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lapic_delivery_modes_keep_other_bits() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[APIC_LVT0] = 0x20; // vector
+        regs[APIC_LVT0 + 2] = 0x01; // mask bit 16
+        set_lapic_reg(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lapic_reg(&mut regs, APIC_LVT1, APIC_MODE_NMI);
+        let read = |o: usize| {
+            u32::from_le_bytes([
+                regs[o] as u8,
+                regs[o + 1] as u8,
+                regs[o + 2] as u8,
+                regs[o + 3] as u8,
+            ])
+        };
+        assert_eq!(read(APIC_LVT0), 0x1_0720);
+        assert_eq!(read(APIC_LVT1), 0x400);
+    }
+}
