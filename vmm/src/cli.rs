@@ -36,6 +36,9 @@ enum Command {
         #[command(subcommand)]
         action: ImagesAction,
     },
+    /// Print `pvm` when this host emulates guest ring 0, else `hw` (used by the image scripts).
+    #[command(hide = true)]
+    HostKind,
     /// Run one of the built-in test guests (used by the test suite).
     #[command(hide = true)]
     TestGuest {
@@ -155,6 +158,16 @@ pub fn main() -> ExitCode {
             }
         }
         Command::TestGuest { name, cpus } => test_guest(&name, cpus),
+        Command::HostKind => match crate::compat::ring0_emulated() {
+            Ok(pvm) => {
+                println!("{}", if pvm { "pvm" } else { "hw" });
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmrun: cannot probe this host's KVM: {e}");
+                exit_code(EXIT_LAUNCHER)
+            }
+        },
     }
 }
 

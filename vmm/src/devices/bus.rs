@@ -95,7 +95,7 @@ impl Bus {
     fn count_unhandled(&self, addr: u64, what: &str) {
         let n = self.unhandled.fetch_add(1, Ordering::Relaxed);
         // Log the first few and then every 1000th, so a guest spinning on a port cannot flood.
-        if n < 16 || n % 1000 == 0 {
+        if n < 16 || n.is_multiple_of(1000) {
             log::debug!("unhandled {what} at {addr:#x} ({} so far)", n + 1);
         }
     }

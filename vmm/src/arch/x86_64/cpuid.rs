@@ -102,7 +102,11 @@ mod tests {
     fn sample() -> Vec<kvm_cpuid_entry2> {
         vec![
             leaf(1, 0),
-            leaf(4, 0),
+            {
+                let mut l1 = leaf(4, 0);
+                l1.eax = 1 << 5;
+                l1
+            },
             {
                 let mut l3 = leaf(4, 3);
                 l3.eax = 3 << 5;

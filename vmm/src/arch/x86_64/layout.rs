@@ -3,8 +3,9 @@
 
 /// Boot GDT (a handful of 8-byte entries).
 pub const BOOT_GDT_START: u64 = 0x500;
-/// Boot IDT (empty: the kernel installs its own before enabling interrupts).
-pub const BOOT_IDT_START: u64 = 0x520;
+/// Boot IDT (empty: the kernel installs its own before enabling interrupts). After the six GDT
+/// entries.
+pub const BOOT_IDT_START: u64 = 0x530;
 /// PVH `hvm_start_info`.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// PVH module list (the initrd).
@@ -54,9 +55,14 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 /// The status port: see `devices::legacy::status` and `vmrun_protocol::status`.
 pub const STATUS_PORT: u16 = vmrun_protocol::status::PORT;
-/// Most vCPUs a VM may have: the MP table and the APIC ids are 8-bit, and the IOAPIC takes the
-/// id after the last vCPU.
-pub const MAX_VCPUS: u8 = 64;
+/// Most vCPUs a VM may have: the MP table (one 20-byte entry per vCPU) must fit in the 1 KiB
+/// EBDA, and the IOAPIC takes the APIC id after the last vCPU.
+pub const MAX_VCPUS: u8 = 32;
+
+// The stack grows down between the zero page and the page tables; the command line ends below
+// the EBDA. Checked at compile time.
+const _: () = assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 
 /// The guest RAM ranges for `mem_size` bytes of memory, split around the MMIO gap.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
@@ -90,7 +96,7 @@ mod tests {
     #[test]
     fn low_structures_do_not_overlap() {
         let regions = [
-            (BOOT_GDT_START, 8 * 8),
+            (BOOT_GDT_START, 6 * 8),
             (BOOT_IDT_START, 8),
             (PVH_INFO_START, 0x40),
             (PVH_MODLIST_START, 0x20),
@@ -108,7 +114,5 @@ mod tests {
                 );
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

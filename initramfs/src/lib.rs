@@ -1,0 +1,95 @@
+//! vmrun-init: PID 1 of the vmrun initramfs.
+//!
+//! This first cut mounts the kernel filesystems, says it is ready on the console and reports
+//! status 0 through the status port. The overlay root (`root.overlay=`) builds on it.
+
+pub mod report;
+
+use std::fmt;
+
+use vmrun_protocol::status::InitError;
+
+/// A failure of the init: what it was doing, why it failed, and its class for the host.
+#[derive(Debug)]
+pub struct Failure {
+    pub what: String,
+    pub why: String,
+    pub class: InitError,
+}
+
+impl Failure {
+    pub fn new(class: InitError, what: impl Into<String>, why: impl fmt::Display) -> Self {
+        Failure {
+            what: what.into(),
+            why: why.to_string(),
+            class,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vmrun-init: error: {}: {}", self.what, self.why)
+    }
+}
+
+/// The kernel filesystems every later step needs.
+pub const KERNEL_MOUNTS: &[(&str, &str, &str)] = &[
+    ("proc", "/proc", "proc"),
+    ("sysfs", "/sys", "sysfs"),
+    ("devtmpfs", "/dev", "devtmpfs"),
+    ("tmpfs", "/run", "tmpfs"),
+];
+
+/// Mounts `KERNEL_MOUNTS` under `root`, creating the mountpoints.
+pub fn mount_kernel_filesystems(root: &std::path::Path) -> Result<(), Failure> {
+    use nix::mount::{mount, MsFlags};
+    for (source, target, fstype) in KERNEL_MOUNTS {
+        let path = root.join(target.trim_start_matches('/'));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| Failure::new(InitError::Mount, format!("mkdir {}", path.display()), e))?;
+        let flags = MsFlags::MS_NOSUID
+            | if *fstype == "devtmpfs" {
+                MsFlags::empty()
+            } else {
+                MsFlags::MS_NODEV
+            };
+        mount(Some(*source), &path, Some(*fstype), flags, None::<&str>).map_err(|e| {
+            Failure::new(
+                InitError::Mount,
+                format!("mount {fstype} on {}", path.display()),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Seconds since boot, from /proc/uptime.
+pub fn uptime() -> Option<f64> {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_line_names_what_and_why() {
+        let f = Failure::new(
+            InitError::Mount,
+            "mount proc on /proc",
+            "EPERM: Operation not permitted",
+        );
+        assert_eq!(
+            f.to_string(),
+            "vmrun-init: error: mount proc on /proc: EPERM: Operation not permitted"
+        );
+        assert_eq!(f.class, InitError::Mount);
+    }
+}

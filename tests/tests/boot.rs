@@ -1,0 +1,67 @@
+//! T4: vmrun's own kernel and initramfs booted by vmrun's own VMM to the init's ready line and
+//! its status. Where guest ring 0 is emulated (nested PVM) this takes a minute or two and uses
+//! the PVM compatibility kernel; elsewhere well under a second.
+
+use std::time::{Duration, Instant};
+
+use vmrun::builder::{BootProtocol, Outcome, Payload, VmConfig, Vmm};
+use vmrun::devices::legacy::serial::ConsoleSink;
+use vmrun::vstate::ExitReason;
+use vmrun_protocol::status::Status;
+use vmrun_tests::{t4_images, StageClock};
+
+#[test]
+fn real_kernel_boots_to_the_init_ready_line() {
+    let Some((kernel, initrd, pvm)) = t4_images("real_kernel_boots_to_the_init_ready_line") else {
+        return;
+    };
+    let limit = Duration::from_secs(if pvm { 600 } else { 60 });
+    let cmdline = vmrun::cmdline::assemble(None, pvm).unwrap();
+    let log_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("t4-boot-console.log");
+    let t0 = Instant::now();
+    let vmm = Vmm::start(VmConfig {
+        payload: Payload::Linux {
+            kernel,
+            initrd: Some(initrd),
+            cmdline,
+            protocol: BootProtocol::Auto,
+        },
+        mem_mib: 256,
+        vcpus: 1,
+        console: ConsoleSink::File(std::fs::File::create(&log_path).unwrap()),
+    })
+    .expect("VM starts");
+    let started = t0.elapsed();
+    let mut clock = StageClock::new(t0, &["Linux version", "Run /init", "vmrun-init: ready"]);
+    let deadline = t0 + limit;
+    let reason = loop {
+        clock.poll(vmm.console());
+        if let Some(r) = vmm.wait(Some(Duration::from_millis(200))) {
+            break Some(r);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+    };
+    clock.poll(vmm.console());
+    let total = t0.elapsed();
+    let outcome = Outcome::new(reason.clone(), vmm.console(), Some(limit));
+    eprintln!(
+        "T4 boot ({} kernel, KVM ring 0 {}):\n  {:>8.3}s  VMM started\n{}\n  {:>8.1}s  status reported: {}\n(console: {})",
+        if pvm { "PVM-variant" } else { "hardware" },
+        if pvm { "emulated" } else { "native" },
+        started.as_secs_f64(),
+        clock.report(),
+        total.as_secs_f64(),
+        outcome.summary,
+        log_path.display()
+    );
+    assert_eq!(
+        reason,
+        Some(ExitReason::Status(Status::Exited(0))),
+        "{}\n--- console tail ---\n{}",
+        outcome.summary,
+        vmm.console().last_lines(40)
+    );
+    assert!(vmm.console().text().contains("vmrun-init: ready"));
+}

@@ -1,0 +1,292 @@
+//! T3: the VMM under real KVM with tiny test guests (ring-3 code, native even where guest
+//! ring 0 is emulated). Without a usable /dev/kvm each test prints why and is skipped, unless
+//! VMRUN_REQUIRE_KVM=1 (CI), where that is a failure.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vmrun::builder::{BootProtocol, Payload, StartError, VmConfig, Vmm};
+use vmrun::devices::legacy::serial::ConsoleSink;
+use vmrun::testguest::{self, TestGuest};
+use vmrun::vstate::ExitReason;
+use vmrun_protocol::status::Status;
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(30));
+
+fn kvm_or_skip(test: &str) -> bool {
+    match vmrun::vstate::vm::open_kvm().and_then(|k| vmrun::vstate::vm::create_vm(&k)) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var_os("VMRUN_REQUIRE_KVM").is_none(),
+                "{test}: KVM required but unusable: {e}"
+            );
+            eprintln!("SKIPPED {test}: no usable KVM here ({e})");
+            false
+        }
+    }
+}
+
+fn start(g: TestGuest, vcpus: u8) -> Vmm {
+    Vmm::start(VmConfig {
+        payload: Payload::Program {
+            code: g.code,
+            mode: g.mode,
+        },
+        mem_mib: 32,
+        vcpus,
+        console: ConsoleSink::None,
+    })
+    .expect("test guest starts")
+}
+
+#[test]
+fn serial_output_reaches_the_host() {
+    if !kvm_or_skip("serial_output_reaches_the_host") {
+        return;
+    }
+    let vmm = start(testguest::hello(), 1);
+    assert_eq!(vmm.wait(WAIT), Some(ExitReason::Status(Status::Exited(0))));
+    assert_eq!(vmm.console().text(), "hello from a vmrun test guest\n");
+}
+
+#[test]
+fn pio_and_mmio_exits_reach_their_devices() {
+    if !kvm_or_skip("pio_and_mmio_exits_reach_their_devices") {
+        return;
+    }
+    let vmm = start(testguest::mmio(), 1);
+    assert_eq!(vmm.wait(WAIT), Some(ExitReason::Status(Status::Exited(0))));
+    let mmio: Vec<u32> = vmm.mmio_probe_samples().iter().map(|s| s.1).collect();
+    let pio: Vec<u32> = vmm.probe_samples().iter().map(|s| s.1).collect();
+    // The guest stored 7 by MMIO, read back the probe's sample count (1) by MMIO and sent that
+    // through the PIO probe.
+    assert_eq!(mmio, vec![7]);
+    assert_eq!(pio, vec![1]);
+}
+
+fn vmrun_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmrun"))
+}
+
+#[test]
+fn status_port_value_becomes_the_exit_code() {
+    if !kvm_or_skip("status_port_value_becomes_the_exit_code") {
+        return;
+    }
+    for code in [0, 3, 42, 255] {
+        let out = vmrun_bin()
+            .args(["test-guest", &format!("status-{code}")])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn i8042_reset_stops_the_vm() {
+    if !kvm_or_skip("i8042_reset_stops_the_vm") {
+        return;
+    }
+    let vmm = start(testguest::reset(), 1);
+    assert_eq!(vmm.wait(WAIT), Some(ExitReason::Reset));
+    let out = vmrun_bin().args(["test-guest", "reset"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+fn all_vcpus_start(n: u8) {
+    let vmm = start(testguest::cpus(), n);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want: BTreeSet<char> = (0..n).map(|i| char::from(b'0' + i)).collect();
+    loop {
+        let seen: BTreeSet<char> = vmm.console().text().chars().collect();
+        if seen == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} vCPUs: saw {seen:?}, want {want:?}"
+        );
+        assert!(
+            vmm.wait(Some(Duration::from_millis(20))).is_none(),
+            "VM ended early"
+        );
+    }
+}
+
+#[test]
+fn two_and_four_vcpus_all_start() {
+    if !kvm_or_skip("two_and_four_vcpus_all_start") {
+        return;
+    }
+    all_vcpus_start(2);
+    all_vcpus_start(4);
+}
+
+#[test]
+fn garbage_guest_ends_with_a_clear_error() {
+    if !kvm_or_skip("garbage_guest_ends_with_a_clear_error") {
+        return;
+    }
+    let vmm = start(testguest::garbage(), 1);
+    let r = vmm.wait(WAIT).expect("garbage guest must end, not hang");
+    assert!(
+        matches!(
+            r,
+            ExitReason::TripleFault { .. } | ExitReason::InternalError { .. }
+        ),
+        "{r:?}"
+    );
+    let out = vmrun_bin()
+        .args(["test-guest", "garbage"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("crashed") || err.contains("could not run guest code"),
+        "{err}"
+    );
+}
+
+#[test]
+fn stopping_a_running_vm_joins_its_vcpus() {
+    if !kvm_or_skip("stopping_a_running_vm_joins_its_vcpus") {
+        return;
+    }
+    let mut vmm = start(testguest::cpus(), 2);
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    vmm.stop();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(vmm.wait(Some(Duration::ZERO)), Some(ExitReason::Stopped));
+}
+
+fn linux(
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: &str,
+    mem_mib: u64,
+) -> Result<Vmm, StartError> {
+    Vmm::start(VmConfig {
+        payload: Payload::Linux {
+            kernel,
+            initrd,
+            cmdline: cmdline.into(),
+            protocol: BootProtocol::Auto,
+        },
+        mem_mib,
+        vcpus: 1,
+        console: ConsoleSink::None,
+    })
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("vmrun-t3-{}-{name}", std::process::id()));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn hostile_kernel_and_initrd_inputs_are_clear_errors() {
+    if !kvm_or_skip("hostile_kernel_and_initrd_inputs_are_clear_errors") {
+        return;
+    }
+    let missing = PathBuf::from("/nonexistent/vmlinux");
+    let e = linux(missing, None, "", 64).err().unwrap().to_string();
+    assert!(
+        e.contains("/nonexistent/vmlinux") && e.contains("vmrun images build"),
+        "{e}"
+    );
+
+    let short = temp_file("short", b"\x7fE");
+    let e = linux(short.clone(), None, "", 64)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("truncated"), "{e}");
+
+    let truncated_elf = temp_file("trunc-elf", &std::fs::read("/bin/true").unwrap()[..80]);
+    let e = linux(truncated_elf.clone(), None, "", 64)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("not a loadable vmlinux"), "{e}");
+
+    let garbage = temp_file("garbage", &[0x5a; 8192]);
+    let e = linux(garbage.clone(), None, "", 64)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("neither an ELF vmlinux nor a bzImage"), "{e}");
+
+    // A minimal loadable ELF: one PT_LOAD segment at 16 MiB.
+    let kernel = temp_file("mini-elf", &mini_elf());
+    let big_initrd = temp_file("big-initrd", &[]);
+    std::fs::File::options()
+        .write(true)
+        .open(&big_initrd)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    let e = linux(kernel.clone(), Some(big_initrd.clone()), "", 64)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("does not fit in guest memory") && e.contains("more memory"),
+        "{e}"
+    );
+
+    let e = linux(kernel.clone(), None, &"x".repeat(3000), 64)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("command line") && e.contains("2047"), "{e}");
+
+    let e = linux(kernel.clone(), None, "", 8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("too small"), "{e}");
+
+    for p in [short, truncated_elf, garbage, kernel, big_initrd] {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
+/// An ELF64 executable with one 4 KiB PT_LOAD at 16 MiB whose code parks the vCPU.
+fn mini_elf() -> Vec<u8> {
+    let mut f = vec![0u8; 0x1000 + 0x10];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1; // version
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = 64;
+    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    f[ph + 16..ph + 24].copy_from_slice(&0x100_0000u64.to_le_bytes()); // vaddr
+    f[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+    f[ph + 32..ph + 40].copy_from_slice(&0x10u64.to_le_bytes()); // filesz
+    f[ph + 40..ph + 48].copy_from_slice(&0x10u64.to_le_bytes()); // memsz
+    f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
+    f[0x1000] = 0xeb;
+    f[0x1001] = 0xfe;
+    f
+}
