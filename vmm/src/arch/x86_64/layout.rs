@@ -61,7 +61,8 @@ pub const MAX_VCPUS: u8 = 32;
 
 // The stack grows down between the zero page and the page tables; the command line ends below
 // the EBDA. Checked at compile time.
-const _: () = assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 
 /// The guest RAM ranges for `mem_size` bytes of memory, split around the MMIO gap.
