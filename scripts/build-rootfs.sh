@@ -31,6 +31,7 @@ with_progress "$work/mmdebstrap.log" mmdebstrap --variant=minbase --include="$pa
     --mode=root --format=directory \
     --customize-hook='mkdir -p "$1/.overlayfs/lower" "$1/.overlayfs/upperfs"' \
     --customize-hook='rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/* "$1"/var/log/*' \
+    --customize-hook='find "$1" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch --no-dereference --date="@$SOURCE_DATE_EPOCH"' \
     bookworm "$tree" "$mirror"
 
 mkdir -p "$out.tmp"

@@ -3,6 +3,8 @@
 //! This first cut mounts the kernel filesystems, says it is ready on the console and reports
 //! status 0 through the status port. The overlay root (`root.overlay=`) builds on it.
 
+pub mod cmdline;
+pub mod plan;
 pub mod report;
 
 use std::fmt;
