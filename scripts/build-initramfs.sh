@@ -31,5 +31,6 @@ find "$stage" -exec touch -h -d @0 {} +
 mkdir -p "$out.tmp"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible >"$out.tmp/initramfs.cpio")
 rm -rf "$out" && mv "$out.tmp" "$out"
+prune "initramfs" "$out"
 publish initramfs.cpio "$out/initramfs.cpio"
 log "built $out/initramfs.cpio ($(du -h "$out/initramfs.cpio" | cut -f1))"

@@ -67,6 +67,7 @@ with_progress "$build/make.log" make -j"$(nproc)" vmlinux
 mkdir -p "$out.tmp"
 cp vmlinux System.map .config "$out.tmp/"
 rm -rf "$out" && mv "$out.tmp" "$out"
+prune "kernel-$variant" "$out"
 cd /
 rm -rf "$build"
 publish "$name" "$out/vmlinux"

@@ -27,12 +27,15 @@ trap 'rm -rf "$work"' EXIT
 tree="$work/tree"
 
 log "mmdebstrap bookworm minbase + $packages"
-with_progress "$work/mmdebstrap.log" mmdebstrap --variant=minbase --include="$packages" \
+mkdir -p "$CACHE/logs"
+with_progress "$CACHE/logs/mmdebstrap.log" mmdebstrap --variant=minbase --include="$packages" \
     --mode=root --format=directory \
     --customize-hook='mkdir -p "$1/.overlayfs/lower" "$1/.overlayfs/upperfs"' \
     --customize-hook='rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/* "$1"/var/log/*' \
-    --customize-hook='find "$1" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch --no-dereference --date="@$SOURCE_DATE_EPOCH"' \
     bookworm "$tree" "$mirror"
+
+# mmdebstrap clamps what it unpacks; the hooks' own changes get the same time here.
+find "$tree" -newermt "@$SOURCE_DATE_EPOCH" -print0 | xargs -0r touch --no-dereference --date="@$SOURCE_DATE_EPOCH"
 
 mkdir -p "$out.tmp"
 size_mb=$(( $(du -sm "$tree" | cut -f1) * 13 / 10 + 32 ))
@@ -45,6 +48,7 @@ log "erofs image"
 mkfs.erofs --quiet -T "$SOURCE_DATE_EPOCH" -U 6f6e7572-6d76-4000-8000-65726f667300 \
     "$out.tmp/rootfs.erofs" "$tree"
 rm -rf "$out" && mv "$out.tmp" "$out"
+prune "rootfs" "$out"
 publish rootfs.ext4 "$out/rootfs.ext4"
 publish rootfs.erofs "$out/rootfs.erofs"
 log "built $out (ext4 $(du -h "$out/rootfs.ext4" | cut -f1), erofs $(du -h "$out/rootfs.erofs" | cut -f1))"

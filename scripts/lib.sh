@@ -27,6 +27,15 @@ publish() {
     ln -sfn "$2" "$CACHE/$1.tmp" && mv -T "$CACHE/$1.tmp" "$CACHE/$1"
 }
 
+# prune PREFIX KEEP : remove older keyed outputs "$CACHE/PREFIX-*" other than KEEP.
+prune() {
+    local d
+    for d in "$CACHE/$1"-*; do
+        [ -d "$d" ] && [ "$d" != "$2" ] && rm -rf "$d"
+    done
+    return 0
+}
+
 # with_progress LOG CMD... : run CMD with its output in LOG, showing progress (lines of output
 # and elapsed time) in place on a terminal, or a line every 30 s otherwise. On failure, the end
 # of the log is shown.

@@ -348,43 +348,24 @@ pub fn switch_root(newroot: &Path) -> Result<(), Failure> {
 mod tests {
     use super::*;
 
-    fn image(bytes_at: &[(usize, &[u8])]) -> tempfile_path::TempPath {
-        let t = tempfile_path::TempPath::new("sb");
+    fn image(bytes_at: &[(usize, &[u8])]) -> tempfile::NamedTempFile {
+        let t = tempfile::NamedTempFile::new().unwrap();
         let mut v = vec![0u8; 4096];
         for (off, b) in bytes_at {
             v[*off..off + b.len()].copy_from_slice(b);
         }
-        std::fs::write(&t.0, v).unwrap();
+        std::fs::write(t.path(), v).unwrap();
         t
-    }
-
-    mod tempfile_path {
-        pub struct TempPath(pub std::path::PathBuf);
-        impl TempPath {
-            pub fn new(tag: &str) -> Self {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                TempPath(
-                    std::env::temp_dir()
-                        .join(format!("vmrun-init-{}-{tag}-{n}", std::process::id())),
-                )
-            }
-        }
-        impl Drop for TempPath {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
     }
 
     #[test]
     fn superblock_detection() {
         let ext4 = image(&[(1024 + 0x38, &0xef53u16.to_le_bytes())]);
-        assert_eq!(detect_fstype(ext4.0.to_str().unwrap()).unwrap(), "ext4");
+        assert_eq!(detect_fstype(ext4.path().to_str().unwrap()).unwrap(), "ext4");
         let erofs = image(&[(1024, &0xe0f5_e1e2u32.to_le_bytes())]);
-        assert_eq!(detect_fstype(erofs.0.to_str().unwrap()).unwrap(), "erofs");
+        assert_eq!(detect_fstype(erofs.path().to_str().unwrap()).unwrap(), "erofs");
         let junk = image(&[]);
-        let e = detect_fstype(junk.0.to_str().unwrap())
+        let e = detect_fstype(junk.path().to_str().unwrap())
             .unwrap_err()
             .to_string();
         assert!(
