@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-images.sh kernel initramfs
 if [ "${CI:-}" = true ]; then
-    export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T4=1
+    export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1
 fi
 cargo test --workspace --locked -- --show-output

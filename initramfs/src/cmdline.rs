@@ -1,7 +1,8 @@
 //! The kernel command line as vmrun-init reads it (`/proc/cmdline`).
 //!
 //! Parameters (repeated keys: the last wins; unknown keys are ignored):
-//! - `root=DEV` lower rootfs device (default `/dev/vda`); `rootfstype=erofs|ext4|…` (default:
+//! - `root=DEV` lower rootfs device (default `/dev/vda`), or `root=none` to stay in the initramfs
+//!   (no disk: the workload runs there); `rootfstype=erofs|ext4|…` (default:
 //!   detected from the superblock); `ro` / `rw` for the root when no overlay is used.
 //! - `root.overlay=tmpfs` or `root.overlay=/dev/vdX`: the upper layer; `root.overlaysize=N[kmg]`
 //!   or `N%` (tmpfs only); `root.overlayfstype=ext4` (block device only, default ext4).
@@ -38,6 +39,8 @@ pub struct Config {
 }
 
 pub const DEFAULT_ROOT: &str = "/dev/vda";
+/// `root=none`: no root disk, the initramfs stays the root.
+pub const NO_ROOT: &str = "none";
 pub const DEFAULT_UPPER_FSTYPE: &str = "ext4";
 const DEFAULT_WAIT_SECS: u64 = 10;
 const MAX_WAIT_SECS: u64 = 600;
@@ -166,11 +169,18 @@ pub fn parse(line: &str) -> Result<Config, Failure> {
         }
     }
     let root = root.unwrap_or_else(|| DEFAULT_ROOT.to_string());
-    if !root.starts_with("/dev/") {
+    if !root.starts_with("/dev/") && root != NO_ROOT {
         return Err(bad(
             "root",
             &root,
-            "not a device path; use a block device such as /dev/vda",
+            "not a device path; use a block device such as /dev/vda, or none",
+        ));
+    }
+    if root == NO_ROOT && overlay.is_some() {
+        return Err(bad(
+            "root",
+            &root,
+            "an overlay root needs a root device; drop root.overlay= or give root=/dev/vdX",
         ));
     }
     if let Some(t) = &rootfstype {
@@ -402,6 +412,9 @@ mod tests {
         assert!(e.contains("unbalanced single quote"), "{e}");
         let e = err("vmrun.exec=");
         assert!(e.contains("empty command"), "{e}");
+        let e = err("root=none root.overlay=tmpfs");
+        assert!(e.contains("an overlay root needs a root device"), "{e}");
+        assert_eq!(parse("root=none").unwrap().root, NO_ROOT);
         let e = err("vmrun.wait=forever");
         assert!(
             e.contains("vmrun.wait=forever: not a number of seconds"),

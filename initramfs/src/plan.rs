@@ -361,9 +361,15 @@ mod tests {
     #[test]
     fn superblock_detection() {
         let ext4 = image(&[(1024 + 0x38, &0xef53u16.to_le_bytes())]);
-        assert_eq!(detect_fstype(ext4.path().to_str().unwrap()).unwrap(), "ext4");
+        assert_eq!(
+            detect_fstype(ext4.path().to_str().unwrap()).unwrap(),
+            "ext4"
+        );
         let erofs = image(&[(1024, &0xe0f5_e1e2u32.to_le_bytes())]);
-        assert_eq!(detect_fstype(erofs.path().to_str().unwrap()).unwrap(), "erofs");
+        assert_eq!(
+            detect_fstype(erofs.path().to_str().unwrap()).unwrap(),
+            "erofs"
+        );
         let junk = image(&[]);
         let e = detect_fstype(junk.path().to_str().unwrap())
             .unwrap_err()

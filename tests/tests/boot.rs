@@ -16,7 +16,8 @@ fn real_kernel_boots_to_the_init_ready_line() {
         return;
     };
     let limit = Duration::from_secs(if pvm { 600 } else { 60 });
-    let cmdline = vmrun::cmdline::assemble(None, pvm).unwrap();
+    // No disks yet: the init stays in the initramfs (root=none).
+    let cmdline = vmrun::cmdline::assemble(Some("root=none"), pvm).unwrap();
     let log_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("t4-boot-console.log");
     let t0 = Instant::now();
     let vmm = Vmm::start(VmConfig {
