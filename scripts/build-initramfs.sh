@@ -13,7 +13,7 @@ log "building static vmrun-init"
 init="$REPO/target/$target/release/vmrun-init"
 ldd "$init" 2>&1 | grep -qE "statically linked|not a dynamic" || die "$init is not static (it would need a loader the initramfs lacks)"
 
-key=$(hash_inputs "$init" "$0" "$REPO/scripts/lib.sh")
+key=$(hash_inputs "$init" "$0")
 out="$CACHE/initramfs-$key"
 if [ -f "$out/initramfs.cpio" ]; then
     publish initramfs.cpio "$out/initramfs.cpio"

@@ -19,7 +19,7 @@ for t in make:make gcc:gcc flex:flex bison:bison bc:bc perl:perl; do need "${t%%
 [ -f /usr/include/libelf.h ] || die "libelf headers are missing: apt-get install libelf-dev"
 
 srcver=$(dpkg-query -W -f='${Version}' linux-source-6.12 2>/dev/null || stat -c %s "$tarball")
-key=$( (echo "$srcver"; hash_inputs "$REPO/images/kernel/microvm.config" "${extra[@]}" "$0" "$REPO/scripts/lib.sh") | sha256sum | cut -c1-16)
+key=$( (echo "$srcver"; hash_inputs "$REPO/images/kernel/microvm.config" "${extra[@]}" "$0") | sha256sum | cut -c1-16)
 out="$CACHE/kernel-$variant-$key"
 if [ -f "$out/vmlinux" ]; then
     publish "$name" "$out/vmlinux"

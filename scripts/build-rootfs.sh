@@ -10,7 +10,7 @@ need mkfs.ext4 e2fsprogs
 need mkfs.erofs erofs-utils
 
 pkglist="$REPO/images/rootfs/packages"
-key=$(hash_inputs "$pkglist" "$0" "$REPO/scripts/lib.sh")
+key=$(hash_inputs "$pkglist" "$0")
 out="$CACHE/rootfs-$key"
 if [ -f "$out/rootfs.ext4" ] && [ -f "$out/rootfs.erofs" ]; then
     publish rootfs.ext4 "$out/rootfs.ext4"

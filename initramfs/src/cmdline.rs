@@ -85,21 +85,7 @@ fn bad(key: &str, value: &str, why: impl std::fmt::Display) -> Failure {
     Failure::new(InitError::Cmdline, format!("{key}={value}"), why)
 }
 
-/// A tmpfs size: digits with an optional k/m/g suffix (any case), or digits and `%`.
-pub fn validate_size(value: &str) -> Result<(), String> {
-    let digits = value.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', '%']);
-    let suffix = &value[digits.len()..];
-    let ok = !digits.is_empty()
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && suffix.len() <= 1
-        && digits.parse::<u64>().is_ok_and(|n| n > 0);
-    let pct_ok = suffix != "%" || digits.parse::<u64>().is_ok_and(|n| n <= 100);
-    if ok && pct_ok {
-        Ok(())
-    } else {
-        Err("not a tmpfs size; use a positive number of bytes with an optional k, m or g suffix, or a percentage of RAM up to 100% (e.g. 256M, 50%)".into())
-    }
-}
+pub use vmrun_protocol::cmdline::validate_size;
 
 /// Splits `vmrun.exec=` into argv: spaces separate, single quotes group.
 pub fn split_command(s: &str) -> Result<Vec<String>, String> {
@@ -352,28 +338,6 @@ mod tests {
         assert_eq!(c.overlay, Some(Overlay::Tmpfs { size: None }));
         assert!(!c.rw);
         assert_eq!(c.root, "/dev/vdy");
-    }
-
-    #[test]
-    fn sizes() {
-        for ok in ["1", "256M", "256m", "1g", "64K", "50%", "100%"] {
-            assert!(validate_size(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "M",
-            "0",
-            "12q",
-            "1.5G",
-            "-1",
-            "256MB",
-            "101%",
-            "5%%",
-            " 1",
-            "99999999999999999999",
-        ] {
-            assert!(validate_size(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -2,4 +2,5 @@
 //! drift: the status port encoding and the kernel command-line keys vmrun owns.
 //! (The agent wire protocol joins this crate with the agent.)
 
+pub mod cmdline;
 pub mod status;

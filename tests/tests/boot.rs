@@ -17,7 +17,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
     };
     let limit = Duration::from_secs(if pvm { 600 } else { 60 });
     // No disks yet: the init stays in the initramfs (root=none).
-    let cmdline = vmrun::cmdline::assemble(Some("root=none"), pvm).unwrap();
+    let cmdline = vmrun::cmdline::assemble(&[], Some("root=none"), pvm).unwrap();
     let log_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("t4-boot-console.log");
     let t0 = Instant::now();
     let vmm = Vmm::start(VmConfig {
@@ -30,6 +30,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
         mem_mib: 256,
         vcpus: 1,
         console: ConsoleSink::File(std::fs::File::create(&log_path).unwrap()),
+        disks: vec![],
     })
     .expect("VM starts");
     let started = t0.elapsed();

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VmFd;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
 use thiserror::Error;
@@ -22,10 +23,18 @@ use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::devices::bus::BusError;
 use crate::devices::legacy::serial::ConsoleSink;
 use crate::devices::legacy::{Console, ConsoleTail, ProbePort, SerialConsole, StatusPort, I8042};
+use crate::devices::virtio::block::{Block, BlockError, BlockMetrics, Disk};
+use crate::devices::virtio::mmio::{MmioTransport, QueueEvents, REG_QUEUE_NOTIFY, WINDOW};
+use crate::devices::virtio::Interrupt;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Buses, Vcpu, VcpuError, VcpuSetup};
 use crate::vstate::vm::{self, VmError};
 use crate::vstate::{ExitReason, ExitState};
+
+/// Event-loop subscribers: devices shared with the vCPU side.
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// How often the event loop checks whether the VM stopped.
+const EVENT_POLL_MS: i32 = 100;
 
 /// Where test programs are loaded and where their stacks start.
 pub const PROGRAM_START: u64 = HIMEM_START;
@@ -58,11 +67,19 @@ pub enum Payload {
     Program { code: Vec<u8>, mode: CpuMode },
 }
 
+/// A disk attached as virtio-blk; the first is /dev/vda in the guest, then /dev/vdb, ...
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
 pub struct VmConfig {
     pub payload: Payload,
     pub mem_mib: u64,
     pub vcpus: u8,
     pub console: ConsoleSink,
+    pub disks: Vec<DiskConfig>,
 }
 
 #[derive(Debug, Error)]
@@ -91,6 +108,14 @@ pub enum StartError {
     Irq { irq: u32, msg: String },
     #[error("test program of {0} bytes does not fit below its stack")]
     ProgramTooLarge(usize),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error("{0} virtio devices requested; vmrun has IRQs for {max}", max = layout::IRQ_MAX - layout::IRQ_BASE + 1)]
+    TooManyDevices(usize),
+    #[error("virtio device setup: {0}")]
+    Virtio(String),
+    #[error("event loop: {0}")]
+    EventLoop(String),
 }
 
 fn kernel_err(path: &Path, msg: impl Into<String>) -> StartError {
@@ -107,6 +132,8 @@ pub struct Vmm {
     tail: ConsoleTail,
     probe: ProbePort,
     mmio_probe: ProbePort,
+    block_metrics: Vec<Arc<BlockMetrics>>,
+    event_thread: Option<JoinHandle<()>>,
     started: Instant,
     // Kept alive for the vCPU threads: the VM fd and the memory KVM maps.
     _vm: VmFd,
@@ -140,14 +167,12 @@ impl Vmm {
         let tail = ConsoleTail::default();
         let probe = ProbePort::default();
         let mmio_probe = ProbePort::default();
-        let buses = Arc::new(Self::devices(
-            &vm,
-            &exit,
-            &tail,
-            cfg.console,
-            &probe,
-            &mmio_probe,
-        )?);
+        let mut buses = Self::devices(&vm, &exit, &tail, cfg.console, &probe, &mmio_probe)?;
+        let mut events = EventManager::<Subscriber>::new()
+            .map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
+        let (virtio_params, block_metrics) =
+            Self::virtio_devices(&vm, &mem, &mut buses, &mut events, &cfg.disks)?;
+        let buses = Arc::new(buses);
 
         let loaded = match &cfg.payload {
             Payload::Linux {
@@ -155,14 +180,21 @@ impl Vmm {
                 initrd,
                 cmdline,
                 protocol,
-            } => Self::load_linux(
-                &mem,
-                mem_size,
-                kernel,
-                initrd.as_deref(),
-                cmdline,
-                *protocol,
-            )?,
+            } => {
+                let mut cmdline = cmdline.clone();
+                for p in &virtio_params {
+                    cmdline.push(' ');
+                    cmdline.push_str(p);
+                }
+                Self::load_linux(
+                    &mem,
+                    mem_size,
+                    kernel,
+                    initrd.as_deref(),
+                    cmdline.trim(),
+                    *protocol,
+                )?
+            }
             Payload::Program { code, mode } => {
                 if PROGRAM_START + code.len() as u64
                     > PROGRAM_STACK - 0x1000 * u64::from(layout::MAX_VCPUS)
@@ -207,15 +239,30 @@ impl Vmm {
             vcpus.push(v);
         }
         let mut vmm = Vmm {
-            exit,
+            exit: exit.clone(),
             threads: Vec::new(),
             tail,
             probe,
             mmio_probe,
+            block_metrics,
+            event_thread: None,
             started,
             _vm: vm,
             _mem: mem,
         };
+        vmm.event_thread = Some(
+            std::thread::Builder::new()
+                .name("vmm-events".into())
+                .spawn(move || {
+                    while !exit.should_stop() {
+                        if let Err(e) = events.run_with_timeout(EVENT_POLL_MS) {
+                            log::error!("event loop: {e:?}");
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| StartError::EventLoop(e.to_string()))?,
+        );
         for v in vcpus {
             // On failure, Drop stops the threads already started.
             vmm.threads.push(v.spawn()?);
@@ -270,6 +317,49 @@ impl Vmm {
             .mmio
             .insert(Arc::new(Mutex::new(mmio_probe.clone())), PROBE_MMIO, 0x1000)?;
         Ok(buses)
+    }
+
+    /// Creates the virtio-mmio devices: bus windows, irqfds, ioeventfds, event-loop subscribers.
+    /// Returns the kernel parameters that announce them.
+    fn virtio_devices(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        buses: &mut Buses,
+        events: &mut EventManager<Subscriber>,
+        disks: &[DiskConfig],
+    ) -> Result<(Vec<String>, Vec<Arc<BlockMetrics>>), StartError> {
+        let slots = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
+        if disks.len() > slots {
+            return Err(StartError::TooManyDevices(disks.len()));
+        }
+        let mut params = Vec::new();
+        let mut metrics = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
+            let base = layout::VIRTIO_MMIO_START + i as u64 * WINDOW;
+            let irq = layout::IRQ_BASE + i as u32;
+            let verr = |e: std::io::Error| StartError::Virtio(e.to_string());
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(verr)?;
+            vm.register_irqfd(&evt, irq).map_err(|e| StartError::Irq {
+                irq,
+                msg: e.to_string(),
+            })?;
+            let interrupt = Arc::new(Interrupt::new(evt));
+            let block = Block::new(Disk::open(&d.path, d.read_only)?, interrupt.clone());
+            metrics.push(block.metrics());
+            let transport = MmioTransport::new(Arc::new(Mutex::new(block)), mem.clone(), interrupt)
+                .map_err(verr)?;
+            for (q, e) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(e, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
+                    .map_err(|e| StartError::Virtio(format!("ioeventfd: {e}")))?;
+            }
+            let sub: Subscriber = Arc::new(Mutex::new(QueueEvents::new(&transport).map_err(verr)?));
+            events.add_subscriber(sub);
+            buses
+                .mmio
+                .insert(Arc::new(Mutex::new(transport)), base, WINDOW)?;
+            params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        }
+        Ok((params, metrics))
     }
 
     fn load_linux(
@@ -392,6 +482,16 @@ impl Vmm {
         for t in self.threads.drain(..) {
             vcpu::stop_and_join(t);
         }
+        if let Some(t) = self.event_thread.take() {
+            if t.join().is_err() {
+                log::error!("the event-loop thread panicked");
+            }
+        }
+    }
+
+    /// Counters of each disk, in attachment order.
+    pub fn block_metrics(&self) -> &[Arc<BlockMetrics>] {
+        &self.block_metrics
     }
 
     pub fn console(&self) -> &ConsoleTail {

@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use crate::builder::{BootProtocol, Outcome, Payload, VmConfig, Vmm, EXIT_LAUNCHER};
+use crate::builder::{BootProtocol, DiskConfig, Outcome, Payload, VmConfig, Vmm, EXIT_LAUNCHER};
 use crate::compat::Compat;
 use crate::devices::legacy::serial::ConsoleSink;
-use crate::{cmdline, doctor, images, testguest};
+use crate::launch::{self, LaunchOptions, Rootfs};
+use crate::overlay::OverlayRequest;
+use crate::{doctor, images, testguest};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +33,11 @@ enum Command {
     Boot(BootArgs),
     /// Check this host: KVM, guest ring-0 speed, images, runnable test tiers.
     Doctor,
+    /// Manage upper-layer disks for `--overlay PATH`.
+    Overlay {
+        #[command(subcommand)]
+        action: OverlayAction,
+    },
     /// Build or list the guest images.
     Images {
         #[command(subcommand)]
@@ -45,6 +52,20 @@ enum Command {
         name: String,
         #[arg(long, default_value_t = 1)]
         cpus: u8,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverlayAction {
+    /// Create a blank upper disk: a sparse image formatted with a filesystem (never overwrites).
+    Create {
+        path: PathBuf,
+        /// Size with an optional k, m or g suffix, e.g. 1G.
+        #[arg(long)]
+        size: String,
+        /// Filesystem for the disk.
+        #[arg(long, default_value = "ext4")]
+        fstype: String,
     },
 }
 
@@ -67,7 +88,28 @@ struct BootArgs {
     /// Initramfs (newc cpio). Default: the built vmrun initramfs.
     #[arg(long, env = "VMRUN_INITRAMFS")]
     initrd: Option<PathBuf>,
-    /// Extra kernel command-line parameters, appended after vmrun's own.
+    /// Root filesystem image, attached read-only as /dev/vda; `none` for no root disk.
+    /// Default: VMRUN_ROOTFS, else the built ext4 image.
+    #[arg(long)]
+    rootfs: Option<String>,
+    /// Overlay root: `tmpfs`, or a disk image (see `vmrun overlay create`) for the upper layer.
+    /// Without it, GONDOLIN_ROOT_OVERLAY=1|true|tmpfs turns on the tmpfs overlay.
+    #[arg(long)]
+    overlay: Option<String>,
+    /// Size of a tmpfs upper layer, e.g. 256M or 50% (implies --overlay tmpfs).
+    #[arg(long)]
+    overlay_size: Option<String>,
+    /// Filesystem of a disk upper layer (default ext4).
+    #[arg(long)]
+    overlay_fstype: Option<String>,
+    /// Another disk, PATH or PATH,ro (repeatable); after the rootfs and the overlay disk.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<String>,
+    /// A command for the init to run in the new root; its exit status becomes vmrun's.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Extra kernel command-line parameters, appended after vmrun's own (an explicit
+    /// root.overlay= here wins over --overlay and GONDOLIN_ROOT_OVERLAY).
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest memory in MiB.
@@ -88,6 +130,45 @@ struct BootArgs {
     /// Entry protocol for ELF kernels.
     #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
     boot_protocol: BootProtocol,
+}
+
+impl BootArgs {
+    fn launch_options(&self) -> LaunchOptions {
+        LaunchOptions {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            rootfs: match self.rootfs.as_deref() {
+                None => Rootfs::Default,
+                Some("none") => Rootfs::None,
+                Some(p) => Rootfs::Path(p.into()),
+            },
+            overlay: OverlayRequest {
+                overlay: self.overlay.clone(),
+                size: self.overlay_size.clone(),
+                fstype: self.overlay_fstype.clone(),
+            },
+            disks: self
+                .disks
+                .iter()
+                .map(|d| match d.strip_suffix(",ro") {
+                    Some(p) => DiskConfig {
+                        path: p.into(),
+                        read_only: true,
+                    },
+                    None => DiskConfig {
+                        path: d.into(),
+                        read_only: false,
+                    },
+                })
+                .collect(),
+            exec: self.exec.clone(),
+            cmdline: self.cmdline.clone(),
+            memory_mib: self.memory,
+            vcpus: self.cpus,
+            compat: self.compat,
+            boot_protocol: self.boot_protocol,
+        }
+    }
 }
 
 struct StderrLogger(log::LevelFilter);
@@ -158,6 +239,22 @@ pub fn main() -> ExitCode {
             }
         }
         Command::TestGuest { name, cpus } => test_guest(&name, cpus),
+        Command::Overlay {
+            action: OverlayAction::Create { path, size, fstype },
+        } => match crate::overlay::create_disk(&path, &size, &fstype) {
+            Ok(()) => {
+                println!(
+                    "{}: {size} {fstype} upper disk; use it with --overlay {}",
+                    path.display(),
+                    path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmrun: {e}");
+                exit_code(EXIT_LAUNCHER)
+            }
+        },
         Command::HostKind => match crate::compat::ring0_emulated() {
             Ok(pvm) => {
                 println!("{}", if pvm { "pvm" } else { "hw" });
@@ -195,24 +292,20 @@ fn run(cfg: VmConfig, timeout: Option<Duration>) -> ExitCode {
 }
 
 fn boot(a: BootArgs) -> ExitCode {
-    let pvm = match a.compat.resolve() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("vmrun: cannot probe this host's KVM: {e}");
-            return exit_code(EXIT_LAUNCHER);
-        }
-    };
-    log::info!(
-        "PVM compatibility variant: {}",
-        if pvm { "on" } else { "off" }
-    );
-    let cmdline = match cmdline::assemble(a.cmdline.as_deref(), pvm) {
-        Ok(c) => c,
+    let opts = a.launch_options();
+    let env = std::env::var(crate::overlay::ENV_TOGGLE).ok();
+    let resolved = match launch::resolve(&opts, env.as_deref()) {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("vmrun: {e}");
             return exit_code(EXIT_LAUNCHER);
         }
     };
+    log::info!(
+        "PVM compatibility variant: {}",
+        if resolved.pvm { "on" } else { "off" }
+    );
+    log::info!("kernel command line: {}", resolved.cmdline);
     let console = match &a.console_log {
         None => ConsoleSink::Stdout,
         Some(p) => match std::fs::File::create(p) {
@@ -223,18 +316,10 @@ fn boot(a: BootArgs) -> ExitCode {
             }
         },
     };
-    let cfg = VmConfig {
-        payload: Payload::Linux {
-            kernel: a.kernel.unwrap_or_else(|| images::default_kernel(pvm)),
-            initrd: Some(a.initrd.unwrap_or_else(images::default_initramfs)),
-            cmdline,
-            protocol: a.boot_protocol,
-        },
-        mem_mib: a.memory,
-        vcpus: a.cpus,
-        console,
-    };
-    run(cfg, (a.timeout > 0).then(|| Duration::from_secs(a.timeout)))
+    run(
+        resolved.into_config(&opts, console),
+        (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
+    )
 }
 
 fn test_guest(name: &str, cpus: u8) -> ExitCode {
@@ -250,6 +335,7 @@ fn test_guest(name: &str, cpus: u8) -> ExitCode {
         mem_mib: 32,
         vcpus: cpus,
         console: ConsoleSink::Stdout,
+        disks: vec![],
     };
     run(cfg, Some(Duration::from_secs(30)))
 }

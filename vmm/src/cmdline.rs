@@ -7,11 +7,13 @@ use crate::compat::pvm_cmdline;
 /// Serial console, reset through the keyboard controller, reboot at once on panic, one UART.
 pub const BASE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1";
 
-pub fn assemble(user: Option<&str>, pvm: bool) -> Result<String, String> {
+/// Base, then the PVM parameters when `pvm`, then `ours` (overlay, workload), then the user's.
+pub fn assemble(ours: &[String], user: Option<&str>, pvm: bool) -> Result<String, String> {
     let mut parts = vec![BASE.to_string()];
     if pvm {
         parts.push(pvm_cmdline());
     }
+    parts.extend(ours.iter().cloned());
     if let Some(u) = user.map(str::trim).filter(|u| !u.is_empty()) {
         if u.bytes().any(|b| !b.is_ascii() || b == 0) {
             return Err("the kernel command line must be printable ASCII".into());
@@ -35,24 +37,24 @@ mod tests {
 
     #[test]
     fn base_then_compat_then_user() {
-        let s = assemble(Some("  quiet init=/bin/sh "), true).unwrap();
+        let s = assemble(&[], Some("  quiet init=/bin/sh "), true).unwrap();
         assert!(s.starts_with(BASE));
         let compat = s.find("clearcpuid=").unwrap();
         let user = s.find("quiet init=/bin/sh").unwrap();
         assert!(compat < user);
         assert!(s.ends_with("init=/bin/sh"));
-        assert!(!assemble(None, false).unwrap().contains("clearcpuid"));
-        assert_eq!(assemble(Some(""), false).unwrap(), BASE);
+        assert!(!assemble(&[], None, false).unwrap().contains("clearcpuid"));
+        assert_eq!(assemble(&[], Some(""), false).unwrap(), BASE);
     }
 
     #[test]
     fn too_long_or_binary_is_refused() {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
-        assert!(assemble(Some(&long), false)
+        assert!(assemble(&[], Some(&long), false)
             .unwrap_err()
             .contains("limit is 2047"));
-        assert!(assemble(Some("a\u{e9}"), false).is_err());
+        assert!(assemble(&[], Some("a\u{e9}"), false).is_err());
         let fits = "y".repeat(CMDLINE_MAX_SIZE - BASE.len() - 2);
-        assert!(assemble(Some(&fits), false).is_ok());
+        assert!(assemble(&[], Some(&fits), false).is_ok());
     }
 }

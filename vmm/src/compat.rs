@@ -52,6 +52,7 @@ fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, StartError> {
         mem_mib: 32,
         vcpus: 1,
         console: ConsoleSink::None,
+        disks: vec![],
     })?;
     let reason = vmm.wait(Some(Duration::from_secs(20)));
     let s = vmm.probe_samples();

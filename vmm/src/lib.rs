@@ -11,5 +11,7 @@ pub mod compat;
 pub mod devices;
 pub mod doctor;
 pub mod images;
+pub mod launch;
+pub mod overlay;
 pub mod testguest;
 pub mod vstate;

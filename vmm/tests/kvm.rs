@@ -38,6 +38,7 @@ fn start(g: TestGuest, vcpus: u8) -> Vmm {
         mem_mib: 32,
         vcpus,
         console: ConsoleSink::None,
+        disks: vec![],
     })
     .expect("test guest starts")
 }
@@ -185,6 +186,7 @@ fn linux(
         mem_mib,
         vcpus: 1,
         console: ConsoleSink::None,
+        disks: vec![],
     })
 }
 

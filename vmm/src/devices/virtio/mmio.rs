@@ -1,0 +1,354 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x §4.2.2). The guest programs queues and
+//! features through these registers from a vCPU; queue notifications arrive through ioeventfds
+//! registered with KVM (a notify that misses them is forwarded here), and the device runs on
+//! the VMM's event loop.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    Interrupt, VirtioDevice, F_VERSION_1, INT_CONFIG, STATUS_ACKNOWLEDGE,
+    STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+};
+use crate::devices::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4e52_4d56; // "VMRN"
+
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_CONFIG: u64 = 0x100;
+/// Size of the register window each device gets.
+pub const WINDOW: u64 = 0x1000;
+
+/// The device model shared between the transport (vCPU side) and the event loop.
+pub type SharedDevice = Arc<Mutex<dyn VirtioDevice>>;
+
+pub struct MmioTransport {
+    device: SharedDevice,
+    mem: GuestMemoryMmap,
+    /// The queues as the driver programs them; handed to the device at DRIVER_OK.
+    queues: Vec<Queue>,
+    queue_max: Vec<u16>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    config: Vec<u8>,
+    features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    active: bool,
+}
+
+fn new_queues(sizes: &[u16]) -> std::io::Result<Vec<Queue>> {
+    sizes
+        .iter()
+        .map(|s| Queue::new(*s).map_err(|e| std::io::Error::other(e.to_string())))
+        .collect()
+}
+
+fn lock(d: &SharedDevice) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: SharedDevice,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        let (sizes, features, config) = {
+            let d = lock(&device);
+            (d.queue_max_sizes(), d.features() | F_VERSION_1, d.config())
+        };
+        let queues = new_queues(&sizes)?;
+        let queue_evts = sizes
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<_>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_max: sizes,
+            queue_evts,
+            interrupt,
+            config,
+            features,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            active: false,
+        })
+    }
+
+    /// The notification eventfds, one per queue, to register as ioeventfds and with the loop.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    pub fn device(&self) -> SharedDevice {
+        self.device.clone()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue registers are only writable while features are settled and the driver is not
+        // yet live.
+        if self.status & STATUS_FEATURES_OK == 0 || self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            lock(&self.device).reset();
+        }
+        match new_queues(&self.queue_max) {
+            Ok(q) => self.queues = q,
+            Err(e) => log::error!("virtio-mmio: cannot recreate queues: {e}"),
+        }
+        self.active = false;
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // Bits may only be added (§3.1.1), FAILED excepted.
+        if v & self.status != self.status && v & STATUS_FAILED == 0 {
+            log::debug!(
+                "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
+                self.status
+            );
+            return;
+        }
+        let new = v & !self.status;
+        if new & STATUS_FEATURES_OK != 0 && self.acked_features & !self.features != 0 {
+            // Features the device never offered: refuse FEATURES_OK.
+            self.status = v & !STATUS_FEATURES_OK;
+            return;
+        }
+        self.status = v;
+        if new & STATUS_DRIVER_OK != 0 && !self.active {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let wanted = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        let valid = self
+            .queues
+            .iter()
+            .all(|q| q.ready() && q.is_valid(&self.mem));
+        if self.status & wanted != wanted || !valid {
+            log::warn!("virtio-mmio: DRIVER_OK with an incomplete setup (status {:#x}, queues valid: {valid})", self.status);
+            self.needs_reset();
+            return;
+        }
+        let queues = std::mem::take(&mut self.queues);
+        let result = lock(&self.device).activate(self.mem.clone(), queues, self.acked_features);
+        match result {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!("virtio-mmio: activation failed: {e}");
+                self.needs_reset();
+            }
+        }
+    }
+
+    fn needs_reset(&mut self) {
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal(INT_CONFIG);
+    }
+
+    fn read_reg(&self, offset: u64) -> u32 {
+        // After activation the queues belong to the device and read as absent.
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => lock(&self.device).device_type(),
+            0x00c => VENDOR,
+            0x010 => match self.device_features_sel {
+                0 => self.features as u32,
+                1 => (self.features >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => q.map_or(0, |q| u32::from(q.max_size())),
+            0x044 => q.map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt.status(),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => {
+                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_reg(&mut self, offset: u64, v: u32) {
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => {
+                if self.status & STATUS_DRIVER != 0 && self.status & STATUS_FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => {
+                            self.acked_features =
+                                (self.acked_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.acked_features =
+                                (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => {
+                if let Some(q) = self.selected_queue() {
+                    // virtio-queue ignores sizes that are zero, too large or not a power of two;
+                    // the queue then stays invalid and activation fails cleanly.
+                    q.set_size(v as u16);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
+                Some(e) => {
+                    let _ = e.write(1);
+                }
+                None => log::debug!("virtio-mmio: notify of unknown queue {v}"),
+            },
+            0x064 => self.interrupt.ack(v),
+            0x070 => self.set_status(v),
+            0x080 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(Some(v), None)),
+            0x084 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(None, Some(v))),
+            0x090 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
+            0x094 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
+            0x0a0 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(Some(v), None)),
+            0x0a4 => self
+                .selected_queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(None, Some(v))),
+            _ => log::debug!("virtio-mmio: write of {v:#x} to unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            let start = (offset - REG_CONFIG) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = start
+                    .checked_add(i)
+                    .and_then(|j| self.config.get(j))
+                    .copied()
+                    .unwrap_or(0);
+            }
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            log::debug!(
+                "virtio-mmio: {}-byte read at {offset:#x} ignored",
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            // vmrun's device config spaces are read-only.
+            log::debug!("virtio-mmio: config write at {offset:#x} ignored");
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(b) if offset.is_multiple_of(4) => self.write_reg(offset, u32::from_le_bytes(b)),
+            _ => log::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            ),
+        }
+    }
+}
+
+/// The event-loop side of one device: its queue eventfds.
+pub struct QueueEvents {
+    device: SharedDevice,
+    evts: Vec<EventFd>,
+}
+
+impl QueueEvents {
+    pub fn new(transport: &MmioTransport) -> std::io::Result<Self> {
+        let evts = transport
+            .queue_evts()
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<_>>()?;
+        Ok(QueueEvents {
+            device: transport.device(),
+            evts,
+        })
+    }
+}
+
+impl MutEventSubscriber for QueueEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, e) in self.evts.iter().enumerate() {
+            if let Err(err) = ops.add(Events::with_data(e, i as u32, EventSet::IN)) {
+                log::error!("virtio: cannot watch queue {i}: {err:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let i = events.data() as usize;
+        if let Some(e) = self.evts.get(i) {
+            // Draining the counter; a spurious wake-up just finds an empty queue.
+            let _ = e.read();
+            lock(&self.device).process_queue(i);
+        }
+    }
+}

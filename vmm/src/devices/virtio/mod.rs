@@ -1,0 +1,95 @@
+//! virtio devices over the MMIO transport (virtio 1.x, §4.2): the transport's register file, the
+//! interrupt line, and the devices (block; vsock next).
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device status bits (§2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
+
+/// Interrupt status bits of the MMIO transport.
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// Feature bits every vmrun device offers.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Device IDs (§5).
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// The interrupt of one device: a status word the driver reads and acknowledges, and the
+/// eventfd KVM turns into the IRQ (irqfd).
+pub struct Interrupt {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(evt: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+        }
+    }
+
+    pub fn signal(&self, why: u32) {
+        self.status.fetch_or(why, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            log::warn!("virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not valid in guest memory")]
+    BadQueue(usize),
+    #[error("the device expects {want} queues, the driver set up {got}")]
+    QueueCount { want: usize, got: usize },
+}
+
+/// What a device model implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the count is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    fn features(&self) -> u64;
+    /// The config space, fixed for the device's life.
+    fn config(&self) -> Vec<u8>;
+    /// Takes over the queues once the driver is ready.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        features: u64,
+    ) -> Result<(), ActivateError>;
+    /// Drops queues and state: the driver wrote status 0.
+    fn reset(&mut self);
+    /// Serves queue `index` after the guest notified it.
+    fn process_queue(&mut self, index: usize);
+}
