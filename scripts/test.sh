@@ -4,7 +4,7 @@
 # KVM and full-guest tiers are required instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build-images.sh kernel initramfs
+bash scripts/build-images.sh kernel initramfs rootfs
 if [ "${CI:-}" = true ]; then
     export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1
 fi

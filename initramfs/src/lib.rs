@@ -4,6 +4,7 @@
 //! status 0 through the status port. The overlay root (`root.overlay=`) builds on it.
 
 pub mod cmdline;
+pub mod echo;
 pub mod plan;
 pub mod report;
 

@@ -13,6 +13,17 @@ use vmrun_protocol::status::{InitError, Status};
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("vsock-echo") {
+        // Test tooling, run as an ordinary process; never as PID 1.
+        match vmrun_init::echo::run(&args[1..]) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("vsock-echo: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let status = match run() {
         Ok(s) => s,
         Err(f) => {

@@ -68,3 +68,60 @@ impl StageClock {
             .join("\n")
     }
 }
+
+/// The built ext4 rootfs, or a skip (a failure with VMRUN_REQUIRE_T4=1).
+pub fn t4_rootfs(test: &str) -> Option<PathBuf> {
+    let p = std::env::var_os("VMRUN_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmrun::images::cache_dir().join(vmrun::images::ROOTFS_EXT4));
+    if p.exists() {
+        return Some(p);
+    }
+    let why = format!(
+        "{} is not built (run `vmrun images build rootfs`)",
+        p.display()
+    );
+    assert!(
+        std::env::var_os("VMRUN_REQUIRE_T4").is_none(),
+        "{test}: T4 required but {why}"
+    );
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+/// How a boot went: its outcome, the console text and how long it took.
+pub struct Booted {
+    pub outcome: vmrun::builder::Outcome,
+    pub console: String,
+    pub secs: f64,
+}
+
+/// Boots with `opts` (the `GONDOLIN_ROOT_OVERLAY` value passed as `env`) and waits for the end,
+/// at most `limit`.
+pub fn boot(opts: &vmrun::launch::LaunchOptions, env: Option<&str>, limit: Duration) -> Booted {
+    use vmrun::builder::{Outcome, Vmm};
+    use vmrun::devices::legacy::serial::ConsoleSink;
+    let t0 = Instant::now();
+    let resolved = vmrun::launch::resolve(opts, env).expect("launch options resolve");
+    let vmm = Vmm::start(resolved.into_config(opts, ConsoleSink::None)).expect("VM starts");
+    let reason = vmm.wait(Some(limit));
+    let outcome = Outcome::new(reason, vmm.console(), Some(limit));
+    Booted {
+        outcome,
+        console: vmm.console().text(),
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+/// sha256 of a file, via the system tool.
+pub fn sha256(p: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}

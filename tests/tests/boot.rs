@@ -31,6 +31,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
         vcpus: 1,
         console: ConsoleSink::File(std::fs::File::create(&log_path).unwrap()),
         disks: vec![],
+        vsock: None,
     })
     .expect("VM starts");
     let started = t0.elapsed();

@@ -24,7 +24,9 @@ use crate::devices::bus::BusError;
 use crate::devices::legacy::serial::ConsoleSink;
 use crate::devices::legacy::{Console, ConsoleTail, ProbePort, SerialConsole, StatusPort, I8042};
 use crate::devices::virtio::block::{Block, BlockError, BlockMetrics, Disk};
+use crate::devices::virtio::mmio::SharedDevice;
 use crate::devices::virtio::mmio::{MmioTransport, QueueEvents, REG_QUEUE_NOTIFY, WINDOW};
+use crate::devices::virtio::vsock::{Vsock, VsockError, VsockMetrics};
 use crate::devices::virtio::Interrupt;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Buses, Vcpu, VcpuError, VcpuSetup};
@@ -74,12 +76,27 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// The vsock device: the guest's CID and the host Unix socket (hybrid vsock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds_path: PathBuf,
+}
+
 pub struct VmConfig {
     pub payload: Payload,
     pub mem_mib: u64,
     pub vcpus: u8,
     pub console: ConsoleSink,
     pub disks: Vec<DiskConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+#[derive(Default)]
+struct VirtioSet {
+    params: Vec<String>,
+    block_metrics: Vec<Arc<BlockMetrics>>,
+    vsock_metrics: Option<Arc<VsockMetrics>>,
 }
 
 #[derive(Debug, Error)]
@@ -112,6 +129,8 @@ pub enum StartError {
     Block(#[from] BlockError),
     #[error("{0} virtio devices requested; vmrun has IRQs for {max}", max = layout::IRQ_MAX - layout::IRQ_BASE + 1)]
     TooManyDevices(usize),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     #[error("virtio device setup: {0}")]
     Virtio(String),
     #[error("event loop: {0}")]
@@ -133,6 +152,7 @@ pub struct Vmm {
     probe: ProbePort,
     mmio_probe: ProbePort,
     block_metrics: Vec<Arc<BlockMetrics>>,
+    vsock_metrics: Option<Arc<VsockMetrics>>,
     event_thread: Option<JoinHandle<()>>,
     started: Instant,
     // Kept alive for the vCPU threads: the VM fd and the memory KVM maps.
@@ -170,8 +190,18 @@ impl Vmm {
         let mut buses = Self::devices(&vm, &exit, &tail, cfg.console, &probe, &mmio_probe)?;
         let mut events = EventManager::<Subscriber>::new()
             .map_err(|e| StartError::EventLoop(format!("{e:?}")))?;
-        let (virtio_params, block_metrics) =
-            Self::virtio_devices(&vm, &mem, &mut buses, &mut events, &cfg.disks)?;
+        let VirtioSet {
+            params: virtio_params,
+            block_metrics,
+            vsock_metrics,
+        } = Self::virtio_devices(
+            &vm,
+            &mem,
+            &mut buses,
+            &mut events,
+            &cfg.disks,
+            cfg.vsock.as_ref(),
+        )?;
         let buses = Arc::new(buses);
 
         let loaded = match &cfg.payload {
@@ -245,6 +275,7 @@ impl Vmm {
             probe,
             mmio_probe,
             block_metrics,
+            vsock_metrics,
             event_thread: None,
             started,
             _vm: vm,
@@ -319,35 +350,35 @@ impl Vmm {
         Ok(buses)
     }
 
-    /// Creates the virtio-mmio devices: bus windows, irqfds, ioeventfds, event-loop subscribers.
-    /// Returns the kernel parameters that announce them.
+    /// Creates the virtio-mmio devices (disks in order, then vsock): bus windows, irqfds,
+    /// ioeventfds, event-loop subscribers. Returns the kernel parameters that announce them.
     fn virtio_devices(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         buses: &mut Buses,
         events: &mut EventManager<Subscriber>,
         disks: &[DiskConfig],
-    ) -> Result<(Vec<String>, Vec<Arc<BlockMetrics>>), StartError> {
+        vsock: Option<&VsockConfig>,
+    ) -> Result<VirtioSet, StartError> {
         let slots = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
-        if disks.len() > slots {
-            return Err(StartError::TooManyDevices(disks.len()));
+        let count = disks.len() + usize::from(vsock.is_some());
+        if count > slots {
+            return Err(StartError::TooManyDevices(count));
         }
-        let mut params = Vec::new();
-        let mut metrics = Vec::new();
-        for (i, d) in disks.iter().enumerate() {
-            let base = layout::VIRTIO_MMIO_START + i as u64 * WINDOW;
-            let irq = layout::IRQ_BASE + i as u32;
+        let mut set = VirtioSet::default();
+        let mut attach = |slot: usize,
+                          device: SharedDevice,
+                          interrupt: Arc<Interrupt>|
+         -> Result<(), StartError> {
+            let base = layout::VIRTIO_MMIO_START + slot as u64 * WINDOW;
+            let irq = layout::IRQ_BASE + slot as u32;
             let verr = |e: std::io::Error| StartError::Virtio(e.to_string());
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(verr)?;
-            vm.register_irqfd(&evt, irq).map_err(|e| StartError::Irq {
-                irq,
-                msg: e.to_string(),
-            })?;
-            let interrupt = Arc::new(Interrupt::new(evt));
-            let block = Block::new(Disk::open(&d.path, d.read_only)?, interrupt.clone());
-            metrics.push(block.metrics());
-            let transport = MmioTransport::new(Arc::new(Mutex::new(block)), mem.clone(), interrupt)
-                .map_err(verr)?;
+            vm.register_irqfd(interrupt.eventfd(), irq)
+                .map_err(|e| StartError::Irq {
+                    irq,
+                    msg: e.to_string(),
+                })?;
+            let transport = MmioTransport::new(device, mem.clone(), interrupt).map_err(verr)?;
             for (q, e) in transport.queue_evts().iter().enumerate() {
                 vm.register_ioevent(e, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
                     .map_err(|e| StartError::Virtio(format!("ioeventfd: {e}")))?;
@@ -357,9 +388,34 @@ impl Vmm {
             buses
                 .mmio
                 .insert(Arc::new(Mutex::new(transport)), base, WINDOW)?;
-            params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+            set.params
+                .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+            Ok(())
+        };
+        let new_interrupt = || -> Result<Arc<Interrupt>, StartError> {
+            let evt =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|e| StartError::Virtio(e.to_string()))?;
+            Ok(Arc::new(Interrupt::new(evt)))
+        };
+        for (slot, d) in disks.iter().enumerate() {
+            let interrupt = new_interrupt()?;
+            let block = Block::new(Disk::open(&d.path, d.read_only)?, interrupt.clone());
+            set.block_metrics.push(block.metrics());
+            attach(slot, Arc::new(Mutex::new(block)), interrupt)?;
         }
-        Ok((params, metrics))
+        if let Some(v) = vsock {
+            if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
+                return Err(StartError::Virtio(format!(
+                    "guest CID {} is reserved; use 3 or more",
+                    v.cid
+                )));
+            }
+            let interrupt = new_interrupt()?;
+            let dev = Vsock::new(v.cid, &v.uds_path, interrupt.clone())?;
+            set.vsock_metrics = Some(dev.metrics());
+            attach(disks.len(), Arc::new(Mutex::new(dev)), interrupt)?;
+        }
+        Ok(set)
     }
 
     fn load_linux(
@@ -487,6 +543,11 @@ impl Vmm {
                 log::error!("the event-loop thread panicked");
             }
         }
+    }
+
+    /// Counters of the vsock device, when there is one.
+    pub fn vsock_metrics(&self) -> Option<&Arc<VsockMetrics>> {
+        self.vsock_metrics.as_ref()
     }
 
     /// Counters of each disk, in attachment order.

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use crate::builder::{BootProtocol, DiskConfig, Outcome, Payload, VmConfig, Vmm, EXIT_LAUNCHER};
+use crate::builder::{
+    BootProtocol, DiskConfig, Outcome, Payload, VmConfig, Vmm, VsockConfig, EXIT_LAUNCHER,
+};
 use crate::compat::Compat;
 use crate::devices::legacy::serial::ConsoleSink;
 use crate::launch::{self, LaunchOptions, Rootfs};
@@ -30,7 +32,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a kernel and initramfs and exit with the guest's status.
-    Boot(BootArgs),
+    Boot(Box<BootArgs>),
     /// Check this host: KVM, guest ring-0 speed, images, runnable test tiers.
     Doctor,
     /// Manage upper-layer disks for `--overlay PATH`.
@@ -130,6 +132,13 @@ struct BootArgs {
     /// Entry protocol for ELF kernels.
     #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
     boot_protocol: BootProtocol,
+    /// Give the guest a vsock device whose host side is this Unix socket (connect, send
+    /// `CONNECT <port>\n`, read `OK <port>\n`); guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
 }
 
 impl BootArgs {
@@ -167,6 +176,10 @@ impl BootArgs {
             vcpus: self.cpus,
             compat: self.compat,
             boot_protocol: self.boot_protocol,
+            vsock: self.vsock.clone().map(|uds_path| VsockConfig {
+                cid: self.vsock_cid,
+                uds_path,
+            }),
         }
     }
 }
@@ -189,7 +202,8 @@ fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
-        _ => log::LevelFilter::Debug,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
     };
     if log::set_boxed_logger(Box::new(StderrLogger(level))).is_ok() {
         log::set_max_level(level);
@@ -204,7 +218,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match cli.command {
-        Command::Boot(args) => boot(args),
+        Command::Boot(args) => boot(*args),
         Command::Doctor => {
             print!("{}", doctor::Report::gather().render());
             ExitCode::SUCCESS
@@ -336,6 +350,7 @@ fn test_guest(name: &str, cpus: u8) -> ExitCode {
         vcpus: cpus,
         console: ConsoleSink::Stdout,
         disks: vec![],
+        vsock: None,
     };
     run(cfg, Some(Duration::from_secs(30)))
 }

@@ -53,6 +53,7 @@ fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, StartError> {
         vcpus: 1,
         console: ConsoleSink::None,
         disks: vec![],
+        vsock: None,
     })?;
     let reason = vmm.wait(Some(Duration::from_secs(20)));
     let s = vmm.probe_samples();

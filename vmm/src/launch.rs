@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 use vmrun_protocol::cmdline::EXEC;
 
-use crate::builder::{BootProtocol, DiskConfig, Payload, VmConfig};
+use crate::builder::{BootProtocol, DiskConfig, Payload, VmConfig, VsockConfig};
 use crate::compat::Compat;
 use crate::devices::legacy::serial::ConsoleSink;
 use crate::images;
@@ -40,6 +40,8 @@ pub struct LaunchOptions {
     pub vcpus: u8,
     pub compat: Compat,
     pub boot_protocol: BootProtocol,
+    /// A vsock device and its host socket.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl Default for LaunchOptions {
@@ -56,6 +58,7 @@ impl Default for LaunchOptions {
             vcpus: 1,
             compat: Compat::Auto,
             boot_protocol: BootProtocol::Auto,
+            vsock: None,
         }
     }
 }
@@ -172,6 +175,7 @@ impl Resolved {
             vcpus: opts.vcpus,
             console,
             disks: self.disks,
+            vsock: opts.vsock.clone(),
         }
     }
 }

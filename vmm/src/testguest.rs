@@ -37,6 +37,16 @@ impl Asm {
         self.0.extend_from_slice(&[0x89, 0xf8]);
         self
     }
+    /// mov eax, ebx (PVH: the start info address).
+    pub fn mov_eax_ebx(mut self) -> Self {
+        self.0.extend_from_slice(&[0x89, 0xd8]);
+        self
+    }
+    /// mov eax, esi (64-bit boot protocol: the zero page address).
+    pub fn mov_eax_esi(mut self) -> Self {
+        self.0.extend_from_slice(&[0x89, 0xf0]);
+        self
+    }
     pub fn add_al(mut self, v: u8) -> Self {
         self.0.extend_from_slice(&[0x04, v]);
         self
@@ -224,5 +234,96 @@ mod tests {
         );
         assert!(by_name("status-300").is_none());
         assert!(by_name("nope").is_none());
+    }
+}
+
+/// Kernel images around a test program, to exercise each boot entry path of the loader.
+pub mod images {
+    use super::Asm;
+    use vmrun_protocol::status::Status;
+
+    /// Where the ELF images load their one segment.
+    pub const LOAD: u64 = 0x100_0000;
+
+    /// Code that sends EBX and ESI to the probe port (what the boot protocol handed over:
+    /// PVH start info in EBX, zero page in ESI), prints `msg` and reports `status`. Only
+    /// instructions that encode the same in 32-bit and 64-bit mode, so it serves every entry.
+    pub fn program(msg: &str, status: Status) -> Vec<u8> {
+        Asm::default()
+            .mov_dx(crate::builder::PROBE_PORT)
+            .mov_eax_ebx()
+            .out_eax()
+            .mov_eax_esi()
+            .out_eax()
+            .print(msg)
+            .report(status)
+            .bytes()
+    }
+
+    /// A minimal bzImage (boot protocol 2.15, 64-bit capable): one setup sector, then the
+    /// protected-mode part whose 64-bit entry (at +0x200) is `code`.
+    pub fn bzimage(code: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 1024];
+        f[0x1f1] = 1; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(b"HdrS");
+        f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+        f[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+        f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes()); // cmdline_size
+                                                                 // Protected-mode part: 32-bit entry (unused) at 0, 64-bit entry at 0x200.
+        let mut pm = vec![0xf4u8; 0x200];
+        pm.extend_from_slice(code);
+        f.extend_from_slice(&pm);
+        f
+    }
+
+    /// An ELF64 executable with one PT_LOAD segment at [`LOAD`] holding `code`, entered at its
+    /// start; with `pvh`, also a PT_NOTE holding the Xen PVH entry note (32-bit entry).
+    pub fn elf(code: &[u8], pvh: bool) -> Vec<u8> {
+        const CODE_OFF: usize = 0x1000;
+        let phnum: u16 = if pvh { 2 } else { 1 };
+        let mut f = vec![0u8; CODE_OFF];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little endian
+        f[6] = 1; // version
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&LOAD.to_le_bytes()); // entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        f[56..58].copy_from_slice(&phnum.to_le_bytes());
+        let mut ph =
+            |i: usize, kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+                let p = 64 + 56 * i;
+                f[p..p + 4].copy_from_slice(&kind.to_le_bytes());
+                f[p + 4..p + 8].copy_from_slice(&flags.to_le_bytes());
+                f[p + 8..p + 16].copy_from_slice(&off.to_le_bytes());
+                f[p + 16..p + 24].copy_from_slice(&addr.to_le_bytes());
+                f[p + 24..p + 32].copy_from_slice(&addr.to_le_bytes());
+                f[p + 32..p + 40].copy_from_slice(&size.to_le_bytes());
+                f[p + 40..p + 48].copy_from_slice(&size.to_le_bytes());
+                f[p + 48..p + 56].copy_from_slice(&align.to_le_bytes());
+            };
+        ph(0, 1, 5, CODE_OFF as u64, LOAD, code.len() as u64, 0x1000); // PT_LOAD, R+X
+        if pvh {
+            // One note: namesz 4 ("Xen\0"), descsz 4 (the 32-bit entry), type 18
+            // (XEN_ELFNOTE_PHYS32_ENTRY): 20 bytes at offset 0x200.
+            ph(1, 4, 4, 0x200, 0, 20, 4); // PT_NOTE
+            let n = 0x200;
+            f[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
+            f[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes());
+            f[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes());
+            f[n + 12..n + 16].copy_from_slice(b"Xen\0");
+            f[n + 16..n + 20].copy_from_slice(&(LOAD as u32).to_le_bytes());
+        }
+        f.extend_from_slice(code);
+        f
     }
 }

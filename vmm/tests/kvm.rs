@@ -39,6 +39,7 @@ fn start(g: TestGuest, vcpus: u8) -> Vmm {
         vcpus,
         console: ConsoleSink::None,
         disks: vec![],
+        vsock: None,
     })
     .expect("test guest starts")
 }
@@ -187,6 +188,7 @@ fn linux(
         vcpus: 1,
         console: ConsoleSink::None,
         disks: vec![],
+        vsock: None,
     })
 }
 
@@ -264,31 +266,112 @@ fn hostile_kernel_and_initrd_inputs_are_clear_errors() {
     }
 }
 
-/// An ELF64 executable with one 4 KiB PT_LOAD at 16 MiB whose code parks the vCPU.
+/// A loadable ELF whose code parks the vCPU.
 fn mini_elf() -> Vec<u8> {
-    let mut f = vec![0u8; 0x1000 + 0x10];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1; // version
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-    let ph = 64;
-    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-    f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
-    f[ph + 16..ph + 24].copy_from_slice(&0x100_0000u64.to_le_bytes()); // vaddr
-    f[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
-    f[ph + 32..ph + 40].copy_from_slice(&0x10u64.to_le_bytes()); // filesz
-    f[ph + 40..ph + 48].copy_from_slice(&0x10u64.to_le_bytes()); // memsz
-    f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes()); // align
-    f[0x1000] = 0xeb;
-    f[0x1001] = 0xfe;
-    f
+    vmrun::testguest::images::elf(&[0xeb, 0xfe], false)
+}
+
+/// Boots `image` as a kernel and returns how it ended, what it printed and (EBX, ESI) at entry.
+fn boot_image(
+    image: &[u8],
+    tag: &str,
+    protocol: BootProtocol,
+) -> (Option<ExitReason>, String, (u32, u32)) {
+    let path = temp_file(tag, image);
+    let vmm = Vmm::start(VmConfig {
+        payload: Payload::Linux {
+            kernel: path.clone(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            protocol,
+        },
+        mem_mib: 64,
+        vcpus: 1,
+        console: ConsoleSink::None,
+        disks: vec![],
+        vsock: None,
+    })
+    .unwrap();
+    let r = vmm.wait(WAIT);
+    let text = vmm.console().text();
+    let p: Vec<u32> = vmm.probe_samples().iter().map(|s| s.1).collect();
+    std::fs::remove_file(path).unwrap();
+    (
+        r,
+        text,
+        (
+            p.first().copied().unwrap_or(u32::MAX),
+            p.get(1).copied().unwrap_or(u32::MAX),
+        ),
+    )
+}
+
+#[test]
+fn every_kernel_entry_path_boots() {
+    if !kvm_or_skip("every_kernel_entry_path_boots") {
+        return;
+    }
+    use vmrun::testguest::images::{bzimage, elf, program};
+    let ok = Some(ExitReason::Status(Status::Exited(0)));
+    use vmrun::arch::x86_64::layout::{PVH_INFO_START, ZERO_PAGE_START};
+    let zp = (0, ZERO_PAGE_START as u32);
+    let pvh = (PVH_INFO_START as u32, 0);
+    let cases = [
+        // bzImage: 64-bit entry at load + 0x200, zero page in RSI.
+        (
+            "bz",
+            bzimage(&program("bz\n", Status::Exited(0))),
+            BootProtocol::Auto,
+            zp,
+        ),
+        // ELF without a PVH note: the 64-bit Linux boot protocol at e_entry.
+        (
+            "elf64",
+            elf(&program("elf64\n", Status::Exited(0)), false),
+            BootProtocol::Auto,
+            zp,
+        ),
+        // ELF with a PVH note: 32-bit protected mode at the note's entry, start info in EBX.
+        (
+            "pvh",
+            elf(&program("pvh\n", Status::Exited(0)), true),
+            BootProtocol::Auto,
+            pvh,
+        ),
+        // The same ELF forced onto the 64-bit protocol.
+        (
+            "forced",
+            elf(&program("forced\n", Status::Exited(0)), true),
+            BootProtocol::Linux64,
+            zp,
+        ),
+    ];
+    for (tag, image, protocol, regs) in cases {
+        let (r, out, got) = boot_image(&image, tag, protocol);
+        assert_eq!(
+            (r, out, got),
+            (ok.clone(), format!("{tag}\n"), regs),
+            "{tag}"
+        );
+    }
+    // Asking for PVH from a kernel without the note is a clear error.
+    let path = temp_file("nopvh", &elf(&program("x", Status::Exited(0)), false));
+    let e = linux(path.clone(), None, "", 64).map(|_| ()).and_then(|_| {
+        Vmm::start(VmConfig {
+            payload: Payload::Linux {
+                kernel: path.clone(),
+                initrd: None,
+                cmdline: String::new(),
+                protocol: BootProtocol::Pvh,
+            },
+            mem_mib: 64,
+            vcpus: 1,
+            console: ConsoleSink::None,
+            disks: vec![],
+            vsock: None,
+        })
+        .map(|_| ())
+    });
+    assert!(e.unwrap_err().to_string().contains("no PVH entry note"));
+    std::fs::remove_file(path).unwrap();
 }

@@ -11,8 +11,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    Interrupt, VirtioDevice, F_VERSION_1, INT_CONFIG, STATUS_ACKNOWLEDGE,
-    STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    FdChange, FdWatch, Interrupt, VirtioDevice, FIRST_DEVICE_TOKEN, F_VERSION_1, INT_CONFIG,
+    STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
+    STATUS_FEATURES_OK,
 };
 use crate::devices::BusDevice;
 
@@ -334,6 +335,34 @@ impl QueueEvents {
     }
 }
 
+fn watch_events(w: &FdWatch) -> Events {
+    let mut set = EventSet::empty();
+    if w.readable {
+        set |= EventSet::IN;
+    }
+    if w.writable {
+        set |= EventSet::OUT;
+    }
+    Events::with_data_raw(w.fd, w.token, set)
+}
+
+impl QueueEvents {
+    fn apply_fd_changes(&mut self, ops: &mut EventOps) {
+        let changes = lock(&self.device).take_fd_changes();
+        for c in changes {
+            let r = match c {
+                FdChange::Add(w) => ops.add(watch_events(&w)),
+                FdChange::Modify(w) => ops.modify(watch_events(&w)),
+                FdChange::Remove(fd) => ops.remove(Events::empty_raw(fd)),
+            };
+            if let Err(e) = r {
+                log::warn!("virtio: event loop refused {c:?}: {e:?}");
+            }
+        }
+        lock(&self.device).fd_changes_applied();
+    }
+}
+
 impl MutEventSubscriber for QueueEvents {
     fn init(&mut self, ops: &mut EventOps) {
         for (i, e) in self.evts.iter().enumerate() {
@@ -341,14 +370,231 @@ impl MutEventSubscriber for QueueEvents {
                 log::error!("virtio: cannot watch queue {i}: {err:?}");
             }
         }
+        let fds = lock(&self.device).initial_fds();
+        for w in fds {
+            if let Err(err) = ops.add(watch_events(&w)) {
+                log::error!("virtio: cannot watch fd {}: {err:?}", w.fd);
+            }
+        }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let i = events.data() as usize;
-        if let Some(e) = self.evts.get(i) {
-            // Draining the counter; a spurious wake-up just finds an empty queue.
-            let _ = e.read();
-            lock(&self.device).process_queue(i);
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let token = events.data();
+        if token < FIRST_DEVICE_TOKEN {
+            if let Some(e) = self.evts.get(token as usize) {
+                // Draining the counter; a spurious wake-up just finds an empty queue.
+                let _ = e.read();
+                lock(&self.device).process_queue(token as usize);
+            }
+        } else {
+            let set = events.event_set();
+            lock(&self.device).process_fd(
+                token,
+                set.contains(EventSet::IN),
+                set.contains(EventSet::OUT),
+                set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP),
+            );
         }
+        self.apply_fd_changes(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ActivateError, INT_VRING};
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct Fake {
+        activated: Option<(usize, u64)>,
+        resets: u32,
+        processed: Vec<usize>,
+    }
+
+    impl VirtioDevice for Fake {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
+        }
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            queues: Vec<Queue>,
+            features: u64,
+        ) -> Result<(), ActivateError> {
+            self.activated = Some((queues.len(), features));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+            self.activated = None;
+        }
+        fn process_queue(&mut self, index: usize) {
+            self.processed.push(index);
+        }
+    }
+
+    fn setup() -> (MmioTransport, Arc<Mutex<Fake>>, Arc<Interrupt>) {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let t = MmioTransport::new(fake.clone(), mem, irq.clone()).unwrap();
+        (t, fake, irq)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// What Linux does: reset, ACK, DRIVER, features, FEATURES_OK, queues, DRIVER_OK.
+    fn drive_to_ok(t: &mut MmioTransport, features_hi: u32) {
+        w(t, 0x70, 0);
+        w(t, 0x70, STATUS_ACKNOWLEDGE);
+        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, 0x24, 0);
+        w(t, 0x20, 1 << 3);
+        w(t, 0x24, 1);
+        w(t, 0x20, features_hi);
+        w(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        for q in 0..2u32 {
+            w(t, 0x30, q);
+            assert_eq!(r(t, 0x34), 16);
+            w(t, 0x38, 16);
+            let base = 0x1000 * (q + 1) * 4;
+            w(t, 0x80, base);
+            w(t, 0x84, 0);
+            w(t, 0x90, base + 0x100);
+            w(t, 0x94, 0);
+            w(t, 0xa0, base + 0x200);
+            w(t, 0xa4, 0);
+            w(t, 0x44, 1);
+        }
+        w(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (mut t, _, _) = setup();
+        assert_eq!(r(&mut t, 0x000), MAGIC);
+        assert_eq!(r(&mut t, 0x004), 2);
+        assert_eq!(r(&mut t, 0x008), 42);
+        w(&mut t, 0x14, 0);
+        assert_eq!(r(&mut t, 0x10), 1 << 3);
+        w(&mut t, 0x14, 1);
+        assert_eq!(r(&mut t, 0x10), 1, "VERSION_1 is offered");
+        let mut cfg = [0u8; 3];
+        t.read(REG_CONFIG + 2, &mut cfg);
+        assert_eq!(cfg, [3, 4, 5]);
+        let mut past = [9u8; 4];
+        t.read(REG_CONFIG + 6, &mut past);
+        assert_eq!(past, [7, 8, 0, 0], "reads past the config are zero");
+        t.read(u64::MAX - 0x200, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+
+    #[test]
+    fn driver_ok_activates_with_the_acked_features() {
+        let (mut t, fake, _) = setup();
+        drive_to_ok(&mut t, 1);
+        assert_eq!(
+            fake.lock().unwrap().activated,
+            Some((2, (1 << 32) | (1 << 3)))
+        );
+        assert_eq!(r(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+        // Queue registers are frozen once live.
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 4);
+        assert_eq!(r(&mut t, 0x34), 0, "queues now belong to the device");
+        // Reset gives the queues back and resets the device.
+        w(&mut t, 0x70, 0);
+        assert_eq!(fake.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, 0x70), 0);
+        assert_eq!(r(&mut t, 0x34), 16);
+    }
+
+    #[test]
+    fn unoffered_features_refuse_features_ok() {
+        let (mut t, fake, _) = setup();
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, 0x24, 0);
+        w(&mut t, 0x20, 1 << 7);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        assert!(fake.lock().unwrap().activated.is_none());
+    }
+
+    #[test]
+    fn driver_ok_with_invalid_queues_asks_for_reset() {
+        let (mut t, fake, irq) = setup();
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 3); // not a power of two
+        w(&mut t, 0x44, 1);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(fake.lock().unwrap().activated.is_none());
+        assert_ne!(r(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(irq.status() & INT_CONFIG, 0);
+    }
+
+    #[test]
+    fn notify_interrupt_ack_and_odd_accesses() {
+        let (mut t, fake, irq) = setup();
+        drive_to_ok(&mut t, 1);
+        w(&mut t, REG_QUEUE_NOTIFY, 1);
+        w(&mut t, REG_QUEUE_NOTIFY, 99); // unknown queue: ignored
+        assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+        irq.signal(INT_VRING);
+        assert_eq!(r(&mut t, 0x60), INT_VRING);
+        w(&mut t, 0x64, INT_VRING);
+        assert_eq!(r(&mut t, 0x60), 0);
+        // Narrow or unaligned register accesses are ignored, never a panic.
+        t.write(0x70, &[0]);
+        t.write(0x71, &[0, 0, 0, 0]);
+        let mut b = [0u8; 2];
+        t.read(0x00, &mut b);
+        assert_eq!(b, [0, 0]);
+        assert!(
+            fake.lock().unwrap().activated.is_some(),
+            "status untouched by the odd writes"
+        );
+        // Status bits cannot be taken back except by reset.
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE);
+        assert_ne!(r(&mut t, 0x70) & STATUS_DRIVER_OK, 0);
+        assert!(fake.lock().unwrap().processed.is_empty());
     }
 }

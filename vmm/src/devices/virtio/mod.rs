@@ -2,7 +2,10 @@
 //! interrupt line, and the devices (block; vsock next).
 
 pub mod block;
+#[cfg(test)]
+mod fuzz;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -92,4 +95,35 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Serves queue `index` after the guest notified it.
     fn process_queue(&mut self, index: usize);
+    /// File descriptors of its own the device wants watched (beyond its queues), from start.
+    fn initial_fds(&mut self) -> Vec<FdWatch> {
+        Vec::new()
+    }
+    /// Serves an event on one of its own fds (`token` as given in its `FdWatch`).
+    fn process_fd(&mut self, _token: u32, _readable: bool, _writable: bool, _hangup: bool) {}
+    /// Changes to the watched fds since the last call (connections come and go).
+    fn take_fd_changes(&mut self) -> Vec<FdChange> {
+        Vec::new()
+    }
+    /// Called once the changes taken are applied (fds removed may be closed now).
+    fn fd_changes_applied(&mut self) {}
 }
+
+/// An fd a device wants the event loop to watch, with the token its events come back with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdWatch {
+    pub fd: std::os::unix::io::RawFd,
+    pub token: u32,
+    pub readable: bool,
+    pub writable: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdChange {
+    Add(FdWatch),
+    Modify(FdWatch),
+    Remove(std::os::unix::io::RawFd),
+}
+
+/// Device tokens start here; lower ones are queue indexes.
+pub const FIRST_DEVICE_TOKEN: u32 = 256;
