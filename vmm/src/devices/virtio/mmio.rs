@@ -38,6 +38,8 @@ pub struct MmioTransport {
     queue_evts: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
     config: Vec<u8>,
+    /// Cached so no register read waits for the device (which may be busy on the event loop).
+    device_type: u32,
     features: u64,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -65,9 +67,14 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
     ) -> std::io::Result<Self> {
-        let (sizes, features, config) = {
+        let (sizes, features, config, device_type) = {
             let d = lock(&device);
-            (d.queue_max_sizes(), d.features() | F_VERSION_1, d.config())
+            (
+                d.queue_max_sizes(),
+                d.features() | F_VERSION_1,
+                d.config(),
+                d.device_type(),
+            )
         };
         let queues = new_queues(&sizes)?;
         let queue_evts = sizes
@@ -82,6 +89,7 @@ impl MmioTransport {
             queue_evts,
             interrupt,
             config,
+            device_type,
             features,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -187,7 +195,7 @@ impl MmioTransport {
         match offset {
             0x000 => MAGIC,
             0x004 => VERSION,
-            0x008 => lock(&self.device).device_type(),
+            0x008 => self.device_type,
             0x00c => VENDOR,
             0x010 => match self.device_features_sel {
                 0 => self.features as u32,

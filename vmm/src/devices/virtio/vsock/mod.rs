@@ -70,18 +70,12 @@ impl Vsock {
                     .muxer
                     .on_guest_packet(&h, &self.scratch[..h.len as usize]),
                 Err(e) => {
-                    self.muxer
-                        .metrics
-                        .bad_packets
-                        .fetch_add(1, Ordering::Relaxed);
+                    count_bad(&self.muxer.metrics);
                     log::debug!("vsock: malformed tx chain: {e}");
                 }
             }
             if q.add_used(mem, head, 0).is_err() {
-                self.muxer
-                    .metrics
-                    .bad_packets
-                    .fetch_add(1, Ordering::Relaxed);
+                count_bad(&self.muxer.metrics);
             }
             used = true;
         }
@@ -109,19 +103,13 @@ impl Vsock {
                     }
                 },
                 Err(e) => {
-                    self.muxer
-                        .metrics
-                        .bad_packets
-                        .fetch_add(1, Ordering::Relaxed);
+                    count_bad(&self.muxer.metrics);
                     log::debug!("vsock: malformed rx chain: {e}");
                     0
                 }
             };
             if q.add_used(mem, head, len).is_err() {
-                self.muxer
-                    .metrics
-                    .bad_packets
-                    .fetch_add(1, Ordering::Relaxed);
+                count_bad(&self.muxer.metrics);
             }
             used = true;
         }
@@ -140,6 +128,10 @@ impl Vsock {
             self.interrupt.signal(INT_VRING);
         }
     }
+}
+
+fn count_bad(m: &VsockMetrics) {
+    m.bad_packets.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Reads one guest packet: a 44-byte header and `len` payload bytes into `payload`, from the

@@ -167,6 +167,35 @@ struct Connection {
 }
 
 impl Connection {
+    fn new(
+        local_port: u32,
+        peer_port: u32,
+        stream: UnixStream,
+        state: State,
+        peer_buf_alloc: u32,
+        peer_fwd_cnt: u32,
+    ) -> Self {
+        Connection {
+            local_port,
+            peer_port,
+            stream,
+            state,
+            peer_buf_alloc,
+            peer_fwd_cnt: Wrapping(peer_fwd_cnt),
+            rx_cnt: Wrapping(0),
+            fwd_cnt: Wrapping(0),
+            last_fwd_reported: Wrapping(0),
+            pending: VecDeque::new(),
+            shut_write_after_flush: false,
+            peer_no_recv: false,
+            host_eof: false,
+            host_hup: false,
+            peer_no_send: false,
+            watch_in: true,
+            watch_out: false,
+        }
+    }
+
     /// Bytes the guest can still take on this connection.
     fn peer_credit(&self) -> u32 {
         let in_flight = (self.rx_cnt - self.peer_fwd_cnt).0;
@@ -460,25 +489,14 @@ impl Muxer {
                 }
             };
         let id = self.alloc_id();
-        let c = Connection {
-            local_port: h.dst_port,
-            peer_port: h.src_port,
+        let c = Connection::new(
+            h.dst_port,
+            h.src_port,
             stream,
-            state: State::Established,
-            peer_buf_alloc: h.buf_alloc,
-            peer_fwd_cnt: Wrapping(h.fwd_cnt),
-            rx_cnt: Wrapping(0),
-            fwd_cnt: Wrapping(0),
-            last_fwd_reported: Wrapping(0),
-            pending: VecDeque::new(),
-            shut_write_after_flush: false,
-            peer_no_recv: false,
-            host_eof: false,
-            host_hup: false,
-            peer_no_send: false,
-            watch_in: true,
-            watch_out: false,
-        };
+            State::Established,
+            h.buf_alloc,
+            h.fwd_cnt,
+        );
         let hdr = self.header(&c, OP_RESPONSE);
         self.fd_changes.push(FdChange::Add(FdWatch {
             fd: c.stream.as_raw_fd(),
@@ -672,25 +690,7 @@ impl Muxer {
             return;
         };
         let local_port = self.alloc_local_port();
-        let c = Connection {
-            local_port,
-            peer_port: port,
-            stream: hs.stream,
-            state: State::Connecting,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: Wrapping(0),
-            rx_cnt: Wrapping(0),
-            fwd_cnt: Wrapping(0),
-            last_fwd_reported: Wrapping(0),
-            pending: VecDeque::new(),
-            shut_write_after_flush: false,
-            peer_no_recv: false,
-            host_eof: false,
-            host_hup: false,
-            peer_no_send: false,
-            watch_in: true,
-            watch_out: false,
-        };
+        let c = Connection::new(local_port, port, hs.stream, State::Connecting, 0, 0);
         let h = self.header(&c, OP_REQUEST);
         self.by_ports.insert((local_port, port), id);
         self.conns.insert(id, c);
