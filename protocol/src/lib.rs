@@ -1,6 +1,8 @@
 //! What the vmrun host and guest programs must agree on, compiled by both sides so they cannot
-//! drift: the status port encoding and the kernel command-line keys vmrun owns.
-//! (The agent wire protocol joins this crate with the agent.)
+//! drift: the status port encoding, the kernel command-line keys vmrun owns, and the agent wire
+//! protocol.
 
+pub mod agent;
 pub mod cmdline;
+pub mod codec;
 pub mod status;

@@ -3,6 +3,7 @@
 //! The crate is both the library that harnesses use and the `vmrun` binary. The VMM itself runs
 //! as its own process, one per VM; see DESIGN.md.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;

@@ -1,0 +1,230 @@
+//! `capture`: `sync`, then a tar of the overlay upper directory streamed as DATA frames. It
+//! keeps what overlayfs encodes in the upper layer: whiteouts (char 0/0), opaque directories
+//! and other overlay metadata (xattrs, as PAX `SCHILY.xattr.*` records), symlinks, hardlinks,
+//! modes, owners and mtimes. The VM keeps running; a file that changes size while it is read is
+//! cut or zero-padded to the size recorded, so the tar stays valid.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use tar::{Builder, EntryType, Header};
+use vmrun_protocol::agent::{kind, write_frame, ErrorInfo, CHUNK};
+
+use crate::server::send_error;
+use crate::Config;
+
+/// Buffers tar bytes into DATA frames.
+struct FrameWriter<'a> {
+    s: &'a mut UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Write for FrameWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            write_frame(self.s, kind::DATA, &self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Exactly `left` bytes: the file's, then zeros if it shrank meanwhile.
+struct Sized<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Sized<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = match self.inner.read(&mut buf[..want]) {
+            Ok(0) => {
+                buf[..want].fill(0);
+                want
+            }
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Extended attributes of `p` (not following symlinks), at most 64 KiB each.
+pub fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
+        return vec![];
+    };
+    let mut names = vec![0u8; 4096];
+    // SAFETY: c is NUL-terminated; the buffer and its length match.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return vec![];
+    }
+    names.truncate(n as usize);
+    let mut out = vec![];
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(cn) = CString::new(name) else { continue };
+        let mut val = vec![0u8; 64 << 10];
+        // SAFETY: c and cn are NUL-terminated; the buffer and its length match.
+        let m =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
+        if m >= 0 {
+            val.truncate(m as usize);
+            out.push((String::from_utf8_lossy(name).into_owned(), val));
+        }
+    }
+    out
+}
+
+fn header_for(m: &fs::Metadata, ty: EntryType, size: u64) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(ty);
+    h.set_mode(m.mode() & 0o7777);
+    h.set_uid(u64::from(m.uid()));
+    h.set_gid(u64::from(m.gid()));
+    h.set_mtime(m.mtime().max(0) as u64);
+    h.set_size(size);
+    h
+}
+
+struct Walk<'a, W: Write> {
+    tar: Builder<W>,
+    root: &'a Path,
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+impl<W: Write> Walk<'_, W> {
+    fn entry(&mut self, path: &Path, rel: &Path) -> io::Result<()> {
+        let m = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(_) => return Ok(()), // removed meanwhile
+        };
+        let x = xattrs(path);
+        if !x.is_empty() {
+            let recs: Vec<(String, Vec<u8>)> = x
+                .into_iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+                .collect();
+            self.tar
+                .append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        }
+        let ft = m.file_type();
+        let name = if rel.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            rel.to_path_buf()
+        };
+        if ft.is_dir() {
+            let mut h = header_for(&m, EntryType::Directory, 0);
+            self.tar.append_data(&mut h, &name, io::empty())?;
+            let mut kids: Vec<_> = match fs::read_dir(path) {
+                Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect(),
+                Err(_) => return Ok(()),
+            };
+            kids.sort();
+            for k in kids {
+                self.entry(&path.join(&k), &rel.join(&k))?;
+            }
+        } else if ft.is_symlink() {
+            let target = fs::read_link(path).unwrap_or_default();
+            let mut h = header_for(&m, EntryType::Symlink, 0);
+            self.tar.append_link(&mut h, &name, &target)?;
+        } else if ft.is_file() {
+            if m.nlink() > 1 {
+                if let Some(first) = self.links.get(&(m.dev(), m.ino())) {
+                    let mut h = header_for(&m, EntryType::Link, 0);
+                    let first = first.clone();
+                    return self.tar.append_link(&mut h, &name, &first);
+                }
+                self.links.insert((m.dev(), m.ino()), name.clone());
+            }
+            let f = match File::open(path) {
+                Ok(f) => f,
+                Err(_) => return Ok(()),
+            };
+            let mut h = header_for(&m, EntryType::Regular, m.len());
+            self.tar.append_data(
+                &mut h,
+                &name,
+                Sized {
+                    inner: f,
+                    left: m.len(),
+                },
+            )?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            // Whiteouts are char 0/0.
+            let ty = if ft.is_char_device() {
+                EntryType::Char
+            } else {
+                EntryType::Block
+            };
+            let mut h = header_for(&m, ty, 0);
+            let rdev = m.rdev();
+            h.set_device_major(libc::major(rdev))?;
+            h.set_device_minor(libc::minor(rdev))?;
+            self.tar.append_data(&mut h, &name, io::empty())?;
+        } else if ft.is_fifo() {
+            let mut h = header_for(&m, EntryType::Fifo, 0);
+            self.tar.append_data(&mut h, &name, io::empty())?;
+        }
+        // Sockets are not archivable; they are skipped.
+        let _ = self.root;
+        Ok(())
+    }
+}
+
+pub fn run(s: &mut UnixStream, cfg: &Config) {
+    let upper = match cfg.resolve(&cfg.upper.to_string_lossy()) {
+        Ok(p) => p,
+        Err(e) => return send_error(s, &e),
+    };
+    if let Err(e) = fs::symlink_metadata(&upper) {
+        return send_error(
+            s,
+            &ErrorInfo::io(&format!("capture {}", cfg.upper.display()), &e),
+        );
+    }
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    let result = (|| -> io::Result<()> {
+        let w = FrameWriter {
+            s,
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let mut walk = Walk {
+            tar: Builder::new(w),
+            root: &upper,
+            links: HashMap::new(),
+        };
+        walk.tar.mode(tar::HeaderMode::Complete);
+        walk.tar.follow_symlinks(false);
+        walk.entry(&upper, Path::new(""))?;
+        let mut w = walk.tar.into_inner()?;
+        w.flush()?;
+        write_frame(w.s, kind::EOF, &[])
+    })();
+    if let Err(e) = result {
+        send_error(s, &ErrorInfo::io("capture", &e));
+    }
+}

@@ -1,0 +1,184 @@
+//! Accepting connections and dispatching one operation per connection, each on its own thread.
+
+use std::io::{self, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vmrun_protocol::agent::{
+    kind, read_frame, write_frame, ErrorInfo, ErrorKind, ProtoError, Request, VERSION,
+};
+
+use crate::{capture, exec, files, Config};
+
+/// Where connections come from.
+pub enum Listener {
+    Unix(UnixListener),
+    /// A listening AF_VSOCK socket (owned fd).
+    Vsock(std::os::fd::OwnedFd),
+}
+
+impl Listener {
+    /// Listens on vsock `port` for any CID.
+    pub fn vsock(port: u32) -> io::Result<Listener> {
+        // SAFETY: plain socket(2); the result is checked and owned below.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh socket nobody else owns.
+        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_vm before the fields are set.
+        let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        a.svm_port = port;
+        a.svm_cid = libc::VMADDR_CID_ANY;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: a is a valid sockaddr_vm of `len` bytes; fd is ours.
+        if unsafe { libc::bind(fd, (&a as *const libc::sockaddr_vm).cast(), len) } != 0
+            || unsafe { libc::listen(fd, 64) } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Listener::Vsock(owned))
+    }
+
+    fn accept(&self) -> io::Result<UnixStream> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| s),
+            Listener::Vsock(fd) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: fd is a listening socket; null address pointers are allowed.
+                let c = unsafe {
+                    libc::accept4(
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC,
+                    )
+                };
+                if c < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: c is a connected stream socket we own. UnixStream only issues
+                // read/write/shutdown/dup on it, which work for any stream socket.
+                Ok(unsafe { UnixStream::from_raw_fd(c) })
+            }
+        }
+    }
+}
+
+/// Sends an ERROR frame (best effort: the peer may be gone).
+pub fn send_error(s: &mut UnixStream, e: &ErrorInfo) {
+    let _ = write_frame(s, kind::ERROR, &e.encode());
+}
+
+fn proto_error(e: &ProtoError) -> ErrorInfo {
+    let kind = if matches!(e, ProtoError::Version(_)) {
+        ErrorKind::Version
+    } else {
+        ErrorKind::Protocol
+    };
+    ErrorInfo {
+        kind,
+        errno: 0,
+        message: e.to_string(),
+    }
+}
+
+/// Serves until a `Shutdown` request (then returns) or the listener fails.
+pub fn serve(listener: Listener, cfg: Config) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let cfg = Arc::new(cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let lfd = match &listener {
+        Listener::Unix(l) => l.as_raw_fd(),
+        Listener::Vsock(fd) => fd.as_raw_fd(),
+    };
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("agent-conn".into())
+            .spawn(move || {
+                let mut s = stream;
+                if handle(&mut s, &cfg) {
+                    stop.store(true, Ordering::SeqCst);
+                    // Wakes the accept above, which then returns. The listener outlives this
+                    // thread's use of the fd: serve() only drops it after accept fails.
+                    // SAFETY: shutdown(2) on a socket fd; no memory is involved.
+                    unsafe { libc::shutdown(lfd, libc::SHUT_RDWR) };
+                }
+            })?;
+    }
+}
+
+/// Runs one connection; true when it was a shutdown request.
+pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
+    let mut buf = Vec::new();
+    let req = match handshake(s, &mut buf) {
+        Ok(Some(r)) => r,
+        Ok(None) => return false,
+        Err(e) => {
+            send_error(s, &proto_error(&e));
+            return false;
+        }
+    };
+    match req {
+        Request::Exec(x) => exec::run(s, cfg, x),
+        Request::Upload(u) => files::upload(s, cfg, &u, &mut buf),
+        Request::Download { path } => files::download(s, cfg, &path),
+        Request::Stat { path } => files::stat(s, cfg, &path),
+        Request::List { path } => files::list(s, cfg, &path),
+        Request::Mkdir {
+            path,
+            mode,
+            parents,
+        } => files::mkdir(s, cfg, &path, mode, parents),
+        Request::Remove { path, recursive } => files::remove(s, cfg, &path, recursive),
+        Request::Capture => capture::run(s, cfg),
+        Request::Shutdown => {
+            // SAFETY: sync has no preconditions.
+            unsafe { libc::sync() };
+            let _ = write_frame(s, kind::OK, &[]);
+            let _ = s.flush();
+            return true;
+        }
+    }
+    false
+}
+
+/// HELLO/HELLO_OK, then the request.
+fn handshake(s: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<Request>, ProtoError> {
+    match read_frame(s, buf)? {
+        None => return Ok(None),
+        Some(kind::HELLO) => {}
+        Some(k) => {
+            return Err(ProtoError::Unexpected {
+                got: k,
+                want: "HELLO",
+            })
+        }
+    }
+    let v = <[u8; 4]>::try_from(buf.as_slice())
+        .map(u32::from_le_bytes)
+        .map_err(|_| ProtoError::Invalid("HELLO payload".into()))?;
+    if v != VERSION {
+        return Err(ProtoError::Version(v));
+    }
+    write_frame(s, kind::HELLO_OK, &VERSION.to_le_bytes())?;
+    match read_frame(s, buf)? {
+        None => Ok(None),
+        Some(kind::REQUEST) => Request::decode(buf).map(Some),
+        Some(k) => Err(ProtoError::Unexpected {
+            got: k,
+            want: "REQUEST",
+        }),
+    }
+}

@@ -1,0 +1,617 @@
+//! T2: the real agent serving a real overlay root, on the host: the Debian rootfs image
+//! loop-mounted read-only as the lower, a tmpfs upper, overlayfs — built by vmrun-init's own
+//! mount plan in a private mount namespace — and driven by the real host client over a Unix
+//! socket. Only the transport and the root path differ from the guest.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use vmrun::api::agent::{is_no_space, AgentClient, Endpoint, Event};
+use vmrun_agent::server::{serve, Listener};
+use vmrun_protocol::agent::{
+    kind, read_frame, write_frame, ErrorKind, Exec, ExitStatus, FileKind, MAX_FRAME,
+};
+
+fn rootfs(test: &str) -> Option<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let img = std::env::var_os("VMRUN_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmrun::images::cache_dir().join(vmrun::images::ROOTFS_EXT4));
+    if root && img.exists() {
+        return Some(img);
+    }
+    let why = format!(
+        "needs root ({root}) and the rootfs image {} (`vmrun images build rootfs`)",
+        img.display()
+    );
+    assert!(
+        std::env::var_os("VMRUN_REQUIRE_T2").is_none(),
+        "{test}: T2 required but {why}"
+    );
+    eprintln!("SKIPPED {test}: {why}");
+    None
+}
+
+fn exec(argv: &[&str]) -> Exec {
+    Exec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn sh(script: &str) -> Exec {
+    exec(&["/bin/sh", "-c", script])
+}
+
+/// A guest in miniature: the overlay root and the agent on a Unix socket. `f` runs with a
+/// client; the namespace, mounts and loop device go away afterwards.
+fn with_agent<T: Send + 'static>(
+    img: &Path,
+    overlay_size: Option<&str>,
+    f: impl FnOnce(&AgentClient, &Path) -> T + Send + 'static,
+) -> T {
+    let work = tempfile::tempdir().unwrap();
+    let sock = work.path().join("agent.sock");
+    let base = work.path().join("base");
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut cmdline = format!("root={dev} root.overlay=tmpfs");
+    if let Some(s) = overlay_size {
+        cmdline.push_str(&format!(" root.overlaysize={s}"));
+    }
+    let result = std::thread::spawn(move || {
+        unshare(CloneFlags::CLONE_NEWNS).unwrap();
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        let cfg = vmrun_init::cmdline::parse(&cmdline).unwrap();
+        vmrun_init::mount_kernel_filesystems(&base).unwrap();
+        let root = vmrun_init::plan::build_root(&cfg, &base).unwrap();
+        let listener = UnixListener::bind(&sock).unwrap();
+        let acfg = vmrun_agent::Config {
+            root: root.path.clone(),
+            upper: "/.overlayfs/upperfs/upper".into(),
+            chroot: true,
+        };
+        let server = std::thread::spawn(move || serve(Listener::Unix(listener), acfg));
+        let client = AgentClient::new(Endpoint::Unix(sock));
+        let r = f(&client, &root.path);
+        client.shutdown().unwrap();
+        server.join().unwrap().unwrap();
+        r
+    })
+    .join();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    drop(work);
+    match result {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+#[test]
+fn upload_is_seen_by_exec_at_once_and_lands_only_in_the_capture() {
+    let name = "upload_is_seen_by_exec_at_once_and_lands_only_in_the_capture";
+    let Some(img) = rootfs(name) else { return };
+    let marker = format!("seed-bug-{}-{:?}", std::process::id(), Instant::now());
+    let m2 = marker.clone();
+    let (out, tar, newroot) = with_agent(&img, None, move |c, root| {
+        let n = c
+            .upload("/work/dir/hello.txt", 0o640, true, false, m2.as_bytes())
+            .unwrap();
+        assert_eq!(n, m2.len() as u64);
+        // No sleep: the upload went through the same kernel the command reads from.
+        let out = c.exec(exec(&["cat", "/work/dir/hello.txt"]), None).unwrap();
+        let mut tar = Vec::new();
+        c.capture(&mut tar).unwrap();
+        (out, tar, root.to_path_buf())
+    });
+    assert_eq!(out.status, ExitStatus::Exited(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), marker);
+    let entries = read_tar(&tar);
+    let e = entries
+        .get("work/dir/hello.txt")
+        .expect("the upload is in the capture");
+    assert_eq!(
+        (e.data.as_slice(), e.mode & 0o777),
+        (marker.as_bytes(), 0o640)
+    );
+    // The overlay lived in a private namespace: the file exists nowhere on the host.
+    assert!(!newroot.join("work/dir/hello.txt").exists());
+}
+
+#[derive(Debug, Default)]
+struct TarEntry {
+    kind: u8,
+    mode: u32,
+    dev: (u32, u32),
+    link: Option<String>,
+    data: Vec<u8>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
+    let mut a = tar::Archive::new(bytes);
+    let mut out = BTreeMap::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        let h = e.header().clone();
+        let mut t = TarEntry {
+            kind: h.entry_type().as_byte(),
+            mode: h.mode().unwrap(),
+            dev: (
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            ),
+            link: e
+                .link_name()
+                .unwrap()
+                .map(|l| l.to_string_lossy().into_owned()),
+            ..Default::default()
+        };
+        if let Some(pax) = e.pax_extensions().unwrap() {
+            for x in pax {
+                let x = x.unwrap();
+                if let Some(k) = x.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                    t.xattrs.insert(k.to_string(), x.value_bytes().to_vec());
+                }
+            }
+        }
+        e.read_to_end(&mut t.data).unwrap();
+        out.insert(path, t);
+    }
+    out
+}
+
+#[test]
+fn capture_holds_files_whiteouts_opaque_dirs_links_and_matches_a_host_extract() {
+    let name = "capture_holds_files_whiteouts_opaque_dirs_links_and_matches_a_host_extract";
+    let Some(img) = rootfs(name) else { return };
+    let tar = with_agent(&img, None, |c, _| {
+        let script = "set -e; echo new > /new.txt; echo changed > /etc/hostname; rm /etc/issue; \
+                      rm -rf /etc/skel; mkdir /etc/skel; echo fresh > /etc/skel/only; \
+                      ln -s /new.txt /link; ln /new.txt /hard; mkdir -p /data; \
+                      head -c 100000 /dev/urandom > /data/blob; chmod 600 /data/blob";
+        let out = c.exec(sh(script), None).unwrap();
+        assert_eq!(
+            out.status,
+            ExitStatus::Exited(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut tar = Vec::new();
+        c.capture(&mut tar).unwrap();
+        tar
+    });
+    let t = read_tar(&tar);
+    // "hard" sorts first: it carries the data, "new.txt" links to it.
+    assert_eq!(
+        (t["hard"].kind, t["hard"].data.as_slice()),
+        (b'0', &b"new\n"[..])
+    );
+    assert_eq!(t["etc/hostname"].data, b"changed\n");
+    let wh = &t["etc/issue"];
+    assert_eq!((wh.kind, wh.dev), (b'3', (0, 0)), "whiteout is char 0/0");
+    assert_eq!(
+        t["etc/skel"]
+            .xattrs
+            .get("trusted.overlay.opaque")
+            .map(Vec::as_slice),
+        Some(&b"y"[..]),
+        "opaque dir"
+    );
+    assert_eq!(t["etc/skel/only"].data, b"fresh\n");
+    assert!(
+        !t.contains_key("etc/skel/.bashrc"),
+        "the replaced directory's old content is not captured"
+    );
+    assert_eq!(
+        (t["link"].kind, t["link"].link.as_deref()),
+        (b'2', Some("/new.txt"))
+    );
+    assert_eq!(
+        (t["new.txt"].kind, t["new.txt"].link.as_deref()),
+        (b'1', Some("hard")),
+        "hardlink to the first name"
+    );
+    assert_eq!(
+        (t["data/blob"].data.len(), t["data/blob"].mode & 0o777),
+        (100_000, 0o600)
+    );
+    assert!(
+        !t.contains_key("etc/passwd"),
+        "untouched lower files are not in the upper"
+    );
+
+    // GNU tar on the host extracts it to the same tree.
+    let dir = tempfile::tempdir().unwrap();
+    let tarfile = dir.path().join("upper.tar");
+    std::fs::write(&tarfile, &tar).unwrap();
+    let x = dir.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    let st = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-xpf"])
+        .arg(&tarfile)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wh = std::fs::symlink_metadata(x.join("etc/issue")).unwrap();
+    assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+    assert_eq!(std::fs::read(x.join("new.txt")).unwrap(), b"new\n");
+    assert_eq!(
+        std::fs::metadata(x.join("hard")).unwrap().ino(),
+        std::fs::metadata(x.join("new.txt")).unwrap().ino()
+    );
+    assert_eq!(
+        vmrun_agent::capture::xattrs(&x.join("etc/skel"))
+            .iter()
+            .find(|(k, _)| k == "trusted.overlay.opaque")
+            .map(|(_, v)| v.clone()),
+        Some(b"y".to_vec())
+    );
+}
+
+#[test]
+fn exec_results_streams_and_failures() {
+    let name = "exec_results_streams_and_failures";
+    let Some(img) = rootfs(name) else { return };
+    with_agent(&img, None, |c, _| {
+        let o = c.exec(sh("echo out; echo err >&2; exit 3"), None).unwrap();
+        assert_eq!(
+            (o.status, o.stdout.as_slice(), o.stderr.as_slice()),
+            (ExitStatus::Exited(3), &b"out\n"[..], &b"err\n"[..])
+        );
+        let o = c.exec(sh("kill -TERM $$"), None).unwrap();
+        assert_eq!(o.status, ExitStatus::Signaled(15));
+        let o = c.exec(exec(&["cat"]), Some(b"piped stdin")).unwrap();
+        assert_eq!(o.stdout, b"piped stdin");
+        let o = c
+            .exec(
+                Exec {
+                    cwd: Some("/etc".into()),
+                    env: vec![("GREETING".into(), "hi".into())],
+                    ..sh("pwd; echo $GREETING")
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(o.stdout, b"/etc\nhi\n");
+        let o = c
+            .exec(
+                Exec {
+                    uid: Some(65534),
+                    gid: Some(65534),
+                    ..exec(&["id", "-u"])
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(o.stdout, b"65534\n");
+        // A missing binary fails to start, with ENOENT.
+        let e = c.exec(exec(&["/no/such/binary"]), None).unwrap_err();
+        let r = e.remote().expect("an agent error");
+        assert_eq!((r.kind, r.errno), (ErrorKind::Spawn, libc::ENOENT), "{r:?}");
+        // The timeout kills the whole process group.
+        let t = Instant::now();
+        let o = c
+            .exec(
+                Exec {
+                    timeout_ms: Some(300),
+                    ..sh("sleep 30 & sleep 30; echo never")
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(o.status, ExitStatus::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        let ps = c
+            .exec(sh("ps -eo args | grep -c '^sleep 30' || true"), None)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&ps.stdout).trim(),
+            "0",
+            "no sleeper survives"
+        );
+        // A grandchild that keeps stdout open does not hold back the result.
+        let t = Instant::now();
+        let o = c
+            .exec(sh("echo before; (sleep 20 &) ; exit 5"), None)
+            .unwrap();
+        assert_eq!(
+            (o.status, o.stdout.as_slice()),
+            (ExitStatus::Exited(5), &b"before\n"[..])
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t.elapsed()
+        );
+        // A huge argv is refused before it is sent.
+        let huge = "x".repeat(MAX_FRAME);
+        assert!(c.exec(exec(&["echo", &huge]), None).is_err());
+        // Stdout arrives while the command runs.
+        let mut p = c
+            .spawn(Exec {
+                stdin: true,
+                ..sh("echo first; read line; echo got:$line")
+            })
+            .unwrap();
+        assert_eq!(
+            p.next_event().unwrap(),
+            Some(Event::Stdout(b"first\n".to_vec()))
+        );
+        p.write_stdin(b"ping\n").unwrap();
+        assert_eq!(
+            p.next_event().unwrap(),
+            Some(Event::Stdout(b"got:ping\n".to_vec()))
+        );
+        assert_eq!(
+            p.next_event().unwrap(),
+            Some(Event::Exit(ExitStatus::Exited(0)))
+        );
+    });
+}
+
+#[test]
+fn pty_size_resize_and_signals() {
+    let name = "pty_size_resize_and_signals";
+    let Some(img) = rootfs(name) else { return };
+    with_agent(&img, None, |c, _| {
+        let mut p = c
+            .spawn(Exec {
+                pty: Some((30, 100)),
+                stdin: true,
+                ..sh("stty size; read x; stty size; sleep 30")
+            })
+            .unwrap();
+        let mut seen = String::new();
+        while !seen.contains("30 100") {
+            match p.next_event().unwrap() {
+                Some(Event::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+                other => panic!("{other:?}"),
+            }
+        }
+        p.resize(40, 120).unwrap();
+        p.write_stdin(b"go\n").unwrap();
+        while !seen.contains("40 120") {
+            match p.next_event().unwrap() {
+                Some(Event::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+                other => panic!("{other:?} after {seen:?}"),
+            }
+        }
+        p.signal(libc::SIGKILL).unwrap();
+        loop {
+            match p.next_event().unwrap() {
+                Some(Event::Exit(s)) => {
+                    assert_eq!(s, ExitStatus::Signaled(9));
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("no exit"),
+            }
+        }
+    });
+}
+
+#[test]
+fn file_operations_and_their_errors() {
+    let name = "file_operations_and_their_errors";
+    let Some(img) = rootfs(name) else { return };
+    with_agent(&img, Some("4M"), |c, _| {
+        // Download, stat, list, mkdir, remove.
+        let mut v = Vec::new();
+        let (n, _) = c.download("/etc/debian_version", &mut v).unwrap();
+        assert_eq!(n as usize, v.len());
+        assert!(!v.is_empty());
+        assert_eq!(c.stat("/etc").unwrap().kind, FileKind::Dir);
+        c.mkdir("/a/b/c", 0o750, true).unwrap();
+        assert_eq!(c.stat("/a/b/c").unwrap().mode & 0o777, 0o750);
+        assert!(c
+            .list("/a/b")
+            .unwrap()
+            .iter()
+            .any(|(n, s)| n == "c" && s.kind == FileKind::Dir));
+        c.remove("/a", true).unwrap();
+        assert_eq!(
+            c.stat("/a").unwrap_err().remote().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        // Upload errors.
+        let e = c
+            .upload("/missing/dir/f", 0o644, false, false, &b"x"[..])
+            .unwrap_err();
+        assert_eq!(e.remote().unwrap().kind, ErrorKind::NotFound, "{e}");
+        let e = c
+            .upload("/etc", 0o644, false, false, &b"x"[..])
+            .unwrap_err();
+        assert_eq!(e.remote().unwrap().kind, ErrorKind::IsADirectory, "{e}");
+        assert_eq!(
+            c.download("/etc", Vec::new())
+                .unwrap_err()
+                .remote()
+                .unwrap()
+                .kind,
+            ErrorKind::IsADirectory
+        );
+        // A full upper: ENOSPC by name, and no partial file left.
+        let big = vec![0x5au8; 8 << 20];
+        let e = c
+            .upload("/big.bin", 0o644, false, true, big.as_slice())
+            .unwrap_err();
+        assert!(is_no_space(&e), "{e}");
+        assert!(e.to_string().contains("No space left"), "{e}");
+        let left = c
+            .exec(sh("ls -a / | grep -c vmrun-upload || true"), None)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&left.stdout).trim(),
+            "0",
+            "partial temp file removed"
+        );
+        assert_eq!(
+            c.stat("/big.bin").unwrap_err().remote().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        // Uploads replace atomically and keep the mode.
+        c.upload("/etc/motd", 0o600, false, true, &b"v1"[..])
+            .unwrap();
+        c.upload("/etc/motd", 0o600, false, false, &b"version 2"[..])
+            .unwrap();
+        let o = c.exec(exec(&["cat", "/etc/motd"]), None).unwrap();
+        assert_eq!(o.stdout, b"version 2");
+    });
+}
+
+/// Raw protocol: a client that misbehaves gets an error and a closed connection, and the
+/// agent keeps serving others.
+#[test]
+fn bad_frames_and_disconnects() {
+    let name = "bad_frames_and_disconnects";
+    let Some(img) = rootfs(name) else { return };
+    with_agent(&img, None, |c, _| {
+        let Endpoint::Unix(sock) = c.endpoint().clone() else {
+            unreachable!()
+        };
+        let error_kind = |s: &mut UnixStream| {
+            let mut buf = Vec::new();
+            match read_frame(s, &mut buf) {
+                Ok(Some(kind::ERROR)) => {
+                    Some(vmrun_protocol::agent::ErrorInfo::decode(&buf).unwrap().kind)
+                }
+                _ => None,
+            }
+        };
+        // Wrong version.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        write_frame(&mut s, kind::HELLO, &99u32.to_le_bytes()).unwrap();
+        assert_eq!(error_kind(&mut s), Some(ErrorKind::Version));
+        // Frame over the cap.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        s.write_all(&[kind::HELLO]).unwrap();
+        assert_eq!(error_kind(&mut s), Some(ErrorKind::Protocol));
+        // Unknown frame kind.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(&[1, 0, 0, 0, 200]).unwrap();
+        assert_eq!(error_kind(&mut s), Some(ErrorKind::Protocol));
+        // Unknown request.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        write_frame(&mut s, kind::HELLO, &1u32.to_le_bytes()).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut s, &mut buf).unwrap(), Some(kind::HELLO_OK));
+        write_frame(&mut s, kind::REQUEST, &[77]).unwrap();
+        assert_eq!(error_kind(&mut s), Some(ErrorKind::Protocol));
+        // Truncated frame, then the client vanishes.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(&[9, 0, 0, 0, kind::HELLO, 1]).unwrap();
+        drop(s);
+
+        // Disconnect mid-upload: no partial file.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        write_frame(&mut s, kind::HELLO, &1u32.to_le_bytes()).unwrap();
+        read_frame(&mut s, &mut buf).unwrap();
+        let req = vmrun_protocol::agent::Request::Upload(vmrun_protocol::agent::Upload {
+            path: "/half.bin".into(),
+            mode: 0o644,
+            create_parents: false,
+            fsync: false,
+        });
+        write_frame(&mut s, kind::REQUEST, &req.encode()).unwrap();
+        assert_eq!(read_frame(&mut s, &mut buf).unwrap(), Some(kind::OK));
+        write_frame(&mut s, kind::DATA, &[1; 1000]).unwrap();
+        drop(s);
+        std::thread::sleep(Duration::from_millis(300));
+        let left = c
+            .exec(
+                sh("ls -a / | grep -c -e vmrun-upload -e half.bin || true"),
+                None,
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&left.stdout).trim(), "0");
+
+        // Disconnect mid-exec: the process group is killed.
+        let p = c.spawn(sh("sleep 40 & sleep 40")).unwrap();
+        drop(p);
+        std::thread::sleep(Duration::from_millis(500));
+        let ps = c
+            .exec(sh("ps -eo args | grep -c '^sleep 40' || true"), None)
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "0");
+
+        // Still serving.
+        assert_eq!(
+            c.exec(exec(&["true"]), None).unwrap().status,
+            ExitStatus::Exited(0)
+        );
+    });
+}
+
+#[test]
+fn concurrent_execs_and_a_capture_racing_with_writes() {
+    let name = "concurrent_execs_and_a_capture_racing_with_writes";
+    let Some(img) = rootfs(name) else { return };
+    with_agent(&img, None, |c, _| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|sc| {
+            for i in 0..20 {
+                let (c, tx) = (c.clone(), tx.clone());
+                sc.spawn(move || {
+                    let o = c.exec(sh(&format!("echo {i}")), None).unwrap();
+                    tx.send((i, o)).unwrap();
+                });
+            }
+        });
+        drop(tx);
+        let mut got: Vec<_> = rx.iter().collect();
+        got.sort_by_key(|(i, _)| *i);
+        assert_eq!(got.len(), 20);
+        for (i, o) in got {
+            assert_eq!(
+                (o.status, o.stdout),
+                (ExitStatus::Exited(0), format!("{i}\n").into_bytes())
+            );
+        }
+        // A writer keeps changing files while captures run: every tar stays readable.
+        let writer = c.spawn(sh("i=0; while [ $i -lt 400 ]; do head -c $((i * 97)) /dev/zero > /churn.$((i % 7)); rm -f /churn.$(((i + 3) % 7)); i=$((i+1)); done")).unwrap();
+        for _ in 0..5 {
+            let mut tar = Vec::new();
+            c.capture(&mut tar).unwrap();
+            let _ = read_tar(&tar);
+        }
+        assert_eq!(
+            writer.wait_output(1 << 20).unwrap().status,
+            ExitStatus::Exited(0)
+        );
+    });
+}

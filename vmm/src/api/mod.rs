@@ -1,0 +1,3 @@
+//! What the library offers harnesses: the agent client (the VM-level API builds on it).
+
+pub mod agent;
