@@ -8,12 +8,15 @@ need cpio cpio
 need cargo cargo
 
 target=x86_64-unknown-linux-gnu
-log "building static vmrun-init"
-(cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release --locked -p vmrun-init --target "$target")
+log "building static vmrun-init and vmrun-agent"
+(cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release --locked -p vmrun-init -p vmrun-agent --target "$target")
 init="$REPO/target/$target/release/vmrun-init"
-ldd "$init" 2>&1 | grep -qE "statically linked|not a dynamic" || die "$init is not static (it would need a loader the initramfs lacks)"
+agent="$REPO/target/$target/release/vmrun-agent"
+for b in "$init" "$agent"; do
+    ldd "$b" 2>&1 | grep -qE "statically linked|not a dynamic" || die "$b is not static (it would need a loader the initramfs lacks)"
+done
 
-key=$(hash_inputs "$init" "$0")
+key=$(hash_inputs "$init" "$agent" "$0")
 out="$CACHE/initramfs-$key"
 if [ -f "$out/initramfs.cpio" ]; then
     publish initramfs.cpio "$out/initramfs.cpio"
@@ -25,6 +28,7 @@ stage=$(mktemp -d "$CACHE/initramfs-stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{dev,proc,sys,run,tmp}
 install -m 0755 -s "$init" "$stage/init"
+install -m 0755 -s "$agent" "$stage/vmrun-agent"
 # The kernel opens /dev/console for PID 1 before anything is mounted.
 mknod -m 0600 "$stage/dev/console" c 5 1
 find "$stage" -exec touch -h -d @0 {} +

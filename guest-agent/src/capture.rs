@@ -200,10 +200,11 @@ pub fn run(s: &mut UnixStream, cfg: &Config) {
         Err(e) => return send_error(s, &e),
     };
     if let Err(e) = fs::symlink_metadata(&upper) {
-        return send_error(
-            s,
-            &ErrorInfo::io(&format!("capture {}", cfg.upper.display()), &e),
-        );
+        let mut info = ErrorInfo::io(&format!("capture {}", cfg.upper.display()), &e);
+        if e.kind() == io::ErrorKind::NotFound {
+            info.message = format!("no overlay upper layer at {}: boot the VM with an overlay root to capture its writes", cfg.upper.display());
+        }
+        return send_error(s, &info);
     }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };

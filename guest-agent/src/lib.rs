@@ -21,6 +21,9 @@ pub struct Config {
     pub upper: PathBuf,
     /// Run commands chrooted into `root` (needed when `root` is not `/`).
     pub chroot: bool,
+    /// End the process once a shutdown is answered (in a VM: the init then reports and the VM
+    /// stops). Otherwise `serve` returns.
+    pub exit_on_shutdown: bool,
 }
 
 impl Config {
@@ -29,6 +32,7 @@ impl Config {
             root: "/".into(),
             upper: "/.overlayfs/upperfs/upper".into(),
             chroot: false,
+            exit_on_shutdown: true,
         }
     }
 
@@ -60,6 +64,7 @@ mod tests {
             root: "/srv/r".into(),
             upper: "/u".into(),
             chroot: true,
+            exit_on_shutdown: false,
         };
         assert_eq!(c.resolve("/etc/x").unwrap(), PathBuf::from("/srv/r/etc/x"));
         assert_eq!(c.resolve("/").unwrap(), PathBuf::from("/srv/r"));

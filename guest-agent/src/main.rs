@@ -18,6 +18,7 @@ fn main() {
             ("--root", Some(r)) => {
                 cfg.root = r.into();
                 cfg.chroot = r != "/";
+                cfg.exit_on_shutdown = false;
             }
             ("--upper", Some(u)) => cfg.upper = u.into(),
             _ => {
@@ -25,6 +26,11 @@ fn main() {
                 std::process::exit(2);
             }
         }
+    }
+    if unix.is_none() && local_cid().is_none() {
+        // A VM without a vsock device: nobody could ever connect.
+        eprintln!("vmrun-agent: no vsock device in this VM; not serving");
+        std::process::exit(0);
     }
     let listener = match unix {
         Some(p) => UnixListener::bind(&p).map(Listener::Unix),
@@ -45,4 +51,16 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// This VM's vsock CID, or `None` when there is no vsock transport device.
+fn local_cid() -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    /// IOCTL_VM_SOCKETS_GET_LOCAL_CID, _IO(7, 0xb9).
+    const GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+    let f = std::fs::File::open("/dev/vsock").ok()?;
+    let mut cid: u32 = u32::MAX;
+    // SAFETY: the ioctl writes one u32 through the valid pointer.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), GET_LOCAL_CID, &mut cid) };
+    (r == 0 && cid != u32::MAX && cid > 2).then_some(cid)
 }

@@ -148,6 +148,9 @@ pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
             unsafe { libc::sync() };
             let _ = write_frame(s, kind::OK, &[]);
             let _ = s.flush();
+            if cfg.exit_on_shutdown {
+                std::process::exit(0);
+            }
             return true;
         }
     }

@@ -1,16 +1,23 @@
 //! PID 1 of the vmrun initramfs: kernel filesystems, the root (overlay or direct) from the
-//! kernel command line, the switch, the workload, orphan reaping, and the status report.
+//! kernel command line, the switch, then the workload (`vmrun.exec=`) or the agent, orphan
+//! reaping, and the status report.
 
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use vmrun_init::cmdline::{self, Config, NO_ROOT};
+use vmrun_init::cmdline::{self, NO_ROOT};
 use vmrun_init::{mount_kernel_filesystems, plan, report, uptime, Failure};
 use vmrun_protocol::status::{InitError, Status};
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The agent binary in the initramfs. It is opened before the switch and executed from the open
+/// file afterwards, so the new root (and its upper layer) never holds it.
+const AGENT: &str = "/vmrun-agent";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -39,6 +46,7 @@ fn run() -> Result<Status, Failure> {
     let line = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| Failure::new(InitError::Other, "read /proc/cmdline", e))?;
     let cfg = cmdline::parse(&line)?;
+    let agent = File::open(AGENT).ok();
     if cfg.root != NO_ROOT {
         let root = plan::build_root(&cfg, Path::new("/"))?;
         plan::switch_root(&root.path)?;
@@ -60,14 +68,15 @@ fn run() -> Result<Status, Failure> {
         "vmrun-init: ready after {:.2}s of guest uptime",
         uptime().unwrap_or(-1.0)
     );
-    match &cfg.exec {
-        Some(argv) => run_workload(&cfg, argv),
-        None => Ok(Status::Exited(0)),
+    match (&cfg.exec, agent) {
+        (Some(argv), _) => run_workload(argv),
+        (None, Some(agent)) => run_agent(agent),
+        (None, None) => Ok(Status::Exited(0)),
     }
 }
 
-/// Starts the workload and reaps every child until it ends (PID 1 inherits all orphans).
-fn run_workload(_cfg: &Config, argv: &[String]) -> Result<Status, Failure> {
+/// Starts the `vmrun.exec=` workload.
+fn run_workload(argv: &[String]) -> Result<Status, Failure> {
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .env_clear()
@@ -77,7 +86,42 @@ fn run_workload(_cfg: &Config, argv: &[String]) -> Result<Status, Failure> {
         .current_dir("/")
         .spawn()
         .map_err(|e| Failure::new(InitError::Exec, format!("vmrun.exec: start {}", argv[0]), e))?;
-    let pid = Pid::from_raw(child.id() as i32);
+    wait_for(Pid::from_raw(child.id() as i32))
+}
+
+/// Runs the agent from its open file (fexecve).
+fn run_agent(agent: File) -> Result<Status, Failure> {
+    let fail = |what: &str, e: std::io::Error| {
+        Failure::new(InitError::Exec, format!("start the agent: {what}"), e)
+    };
+    let arg0 = CString::new("vmrun-agent").map_err(|e| fail("argv", std::io::Error::other(e)))?;
+    let env: Vec<CString> = [format!("PATH={PATH}"), "HOME=/root".to_string()]
+        .into_iter()
+        .filter_map(|s| CString::new(s).ok())
+        .collect();
+    let argv = [arg0.as_ptr(), std::ptr::null()];
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: fork in PID 1, which has no other threads; the child only calls fexecve and
+    // _exit (async-signal-safe) with pointers prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fail("fork", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above; on failure the child exits at once with 127.
+        unsafe {
+            libc::fexecve(agent.as_raw_fd(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    drop(agent);
+    println!("vmrun-init: agent started");
+    wait_for(Pid::from_raw(pid))
+}
+
+/// Reaps every child (PID 1 inherits all orphans) until `pid` ends.
+fn wait_for(pid: Pid) -> Result<Status, Failure> {
     loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(p, code)) if p == pid => return Ok(Status::Exited(code as u8)),

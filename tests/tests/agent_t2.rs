@@ -94,6 +94,7 @@ fn with_agent<T: Send + 'static>(
             root: root.path.clone(),
             upper: "/.overlayfs/upperfs/upper".into(),
             chroot: true,
+            exit_on_shutdown: false,
         };
         let server = std::thread::spawn(move || serve(Listener::Unix(listener), acfg));
         let client = AgentClient::new(Endpoint::Unix(sock));

@@ -1,0 +1,181 @@
+//! T4 end to end, the product as a harness drives it: boot with a tmpfs overlay root and the
+//! agent on vsock, upload a file and `exec cat` it at once (the seed's bug), write, delete and
+//! replace a directory, capture the upper layer, check the tar, shut down; the rootfs image is
+//! unchanged. Timings are printed with the kind of KVM they came from.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use vmrun::api::agent::{AgentClient, Endpoint};
+use vmrun::builder::{Vmm, VsockConfig};
+use vmrun::compat::Compat;
+use vmrun::devices::legacy::serial::ConsoleSink;
+use vmrun::launch::{LaunchOptions, Rootfs};
+use vmrun::overlay::OverlayRequest;
+use vmrun::vstate::ExitReason;
+use vmrun_protocol::agent::{Exec, ExitStatus, PORT};
+use vmrun_protocol::status::Status;
+use vmrun_tests::{sha256, t4_images, t4_rootfs};
+
+fn sh(script: &str) -> Exec {
+    Exec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn upload_exec_capture_through_a_real_guest() {
+    let name = "upload_exec_capture_through_a_real_guest";
+    let (Some((_, _, pvm)), Some(rootfs)) = (t4_images(name), t4_rootfs(name)) else {
+        return;
+    };
+    let label = if pvm {
+        "PVM-emulated ring 0"
+    } else {
+        "hardware KVM"
+    };
+    let before = sha256(&rootfs);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vm.sock");
+    let opts = LaunchOptions {
+        rootfs: Rootfs::Path(rootfs.clone()),
+        overlay: OverlayRequest {
+            overlay: Some("tmpfs".into()),
+            size: Some("64M".into()),
+            ..Default::default()
+        },
+        vsock: Some(VsockConfig {
+            cid: 3,
+            uds_path: sock.clone(),
+        }),
+        compat: Compat::Auto,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let resolved = vmrun::launch::resolve(&opts, None).unwrap();
+    let vmm = Vmm::start(resolved.into_config(&opts, ConsoleSink::None)).unwrap();
+    let agent = AgentClient::new(Endpoint::Vsock {
+        uds: sock.clone(),
+        port: PORT,
+    });
+    let deadline = t0 + Duration::from_secs(420);
+    loop {
+        if agent.stat("/").is_ok() {
+            break;
+        }
+        assert!(
+            vmm.wait(Some(Duration::from_millis(500))).is_none(),
+            "VM ended before the agent answered:\n{}",
+            vmm.console().last_lines(30)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "agent never answered:\n{}",
+            vmm.console().last_lines(30)
+        );
+    }
+    let ready = t0.elapsed();
+
+    // The seed's bug: upload, then exec cat at once.
+    let payload: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let t = Instant::now();
+    agent
+        .upload(
+            "/root/work/seed.bin",
+            0o644,
+            true,
+            false,
+            payload.as_slice(),
+        )
+        .unwrap();
+    let upload = t.elapsed();
+    let t = Instant::now();
+    let out = agent
+        .exec(
+            Exec {
+                argv: vec!["cat".into(), "/root/work/seed.bin".into()],
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    let exec_rt = t.elapsed();
+    assert_eq!(
+        out.status,
+        ExitStatus::Exited(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == payload, "cat saw {} bytes", out.stdout.len());
+
+    let out = agent.exec(sh("rm /etc/issue && rm -rf /etc/skel && mkdir /etc/skel && echo fresh > /etc/skel/only"), None).unwrap();
+    assert_eq!(
+        out.status,
+        ExitStatus::Exited(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let t = Instant::now();
+    let mut tar = Vec::new();
+    agent.capture(&mut tar).unwrap();
+    let capture = t.elapsed();
+    let mut found = (false, false, false);
+    let mut a = tar::Archive::new(tar.as_slice());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        match path.as_str() {
+            "root/work/seed.bin" => {
+                let mut d = Vec::new();
+                e.read_to_end(&mut d).unwrap();
+                found.0 = d == payload;
+            }
+            "etc/issue" => {
+                found.1 = e.header().entry_type().is_character_special()
+                    && e.header().device_major().ok().flatten() == Some(0)
+            }
+            "etc/skel" => {
+                let pax = e.pax_extensions().unwrap();
+                found.2 = pax.is_some_and(|p| {
+                    p.filter_map(|x| x.ok()).any(|x| {
+                        x.key().ok() == Some("SCHILY.xattr.trusted.overlay.opaque")
+                            && x.value_bytes() == b"y"
+                    })
+                });
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        found,
+        (true, true, true),
+        "capture has (seed file, whiteout, opaque dir)"
+    );
+
+    agent.shutdown().unwrap();
+    let reason = vmm.wait(Some(Duration::from_secs(60)));
+    eprintln!(
+        "T4 e2e ({label}): boot to agent ready {:.1}s; upload 64 KiB {:.2}s; exec cat round trip {:.2}s; capture {} KiB {:.2}s",
+        ready.as_secs_f64(),
+        upload.as_secs_f64(),
+        exec_rt.as_secs_f64(),
+        tar.len() / 1024,
+        capture.as_secs_f64()
+    );
+    assert_eq!(
+        reason,
+        Some(ExitReason::Status(Status::Exited(0))),
+        "{}",
+        vmm.console().last_lines(20)
+    );
+    drop(vmm);
+    assert_eq!(sha256(&rootfs), before, "the rootfs image is unchanged");
+    assert!(!sock.exists());
+}
