@@ -561,6 +561,38 @@ impl Request {
 }
 
 #[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic any decoder, and a frame reader never allocates past
+        /// the cap.
+        #[test]
+        fn hostile_bytes_are_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = Reply::decode(&bytes);
+            let _ = ExitStatus::decode(&bytes);
+            let _ = ErrorInfo::decode(&bytes);
+            let mut r = bytes.as_slice();
+            let mut buf = Vec::new();
+            while let Ok(Some(_)) = read_frame(&mut r, &mut buf) {
+                prop_assert!(buf.len() < MAX_FRAME);
+            }
+        }
+
+        /// Valid requests with arbitrary contents survive the round trip.
+        #[test]
+        fn exec_round_trips(argv in proptest::collection::vec(".{0,20}", 1..5), cwd in proptest::option::of(".{0,10}"), t in proptest::option::of(any::<u64>())) {
+            let r = Request::Exec(Exec { argv, cwd, timeout_ms: t, ..Default::default() });
+            prop_assert_eq!(Request::decode(&r.encode()).unwrap(), r);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

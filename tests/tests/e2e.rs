@@ -158,6 +158,34 @@ fn upload_exec_capture_through_a_real_guest() {
         (true, true, true),
         "capture has (seed file, whiteout, opaque dir)"
     );
+    // Extracted on the host with GNU tar: the same tree, whiteout and opaque marker included.
+    let x = dir.path().join("extract");
+    std::fs::create_dir(&x).unwrap();
+    let tarfile = dir.path().join("upper.tar");
+    std::fs::write(&tarfile, &tar).unwrap();
+    let st = std::process::Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-xpf"])
+        .arg(&tarfile)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(std::fs::read(x.join("root/work/seed.bin")).unwrap() == payload);
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let wh = std::fs::symlink_metadata(x.join("etc/issue")).unwrap();
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "whiteout extracted as char 0/0"
+    );
+    let opaque = vmrun_agent::capture::xattrs(&x.join("etc/skel"));
+    assert!(
+        opaque
+            .iter()
+            .any(|(k, v)| k == "trusted.overlay.opaque" && v == b"y"),
+        "opaque dir extracted: {opaque:?}"
+    );
+    assert_eq!(std::fs::read(x.join("etc/skel/only")).unwrap(), b"fresh\n");
 
     agent.shutdown().unwrap();
     let reason = vmm.wait(Some(Duration::from_secs(60)));
