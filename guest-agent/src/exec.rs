@@ -103,7 +103,14 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         if unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) }
             != 0
         {
-            return Err(spawn_error(argv0, &io::Error::last_os_error()));
+            let e = io::Error::last_os_error();
+            let message =
+                format!("cannot open a pseudo-terminal: {e} (is devpts mounted on /dev/pts?)");
+            return Err(ErrorInfo {
+                kind: ErrorKind::Io,
+                errno: e.raw_os_error().unwrap_or(0),
+                message,
+            });
         }
         // SAFETY: openpty returned two fresh fds that we now own.
         let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };

@@ -41,6 +41,8 @@ pub const KERNEL_MOUNTS: &[(&str, &str, &str)] = &[
     ("proc", "/proc", "proc"),
     ("sysfs", "/sys", "sysfs"),
     ("devtmpfs", "/dev", "devtmpfs"),
+    // PTYs for the agent's terminals (moves with /dev into the new root).
+    ("devpts", "/dev/pts", "devpts"),
     ("tmpfs", "/run", "tmpfs"),
 ];
 
@@ -57,7 +59,8 @@ pub fn mount_kernel_filesystems(root: &std::path::Path) -> Result<(), Failure> {
             } else {
                 MsFlags::MS_NODEV
             };
-        mount(Some(*source), &path, Some(*fstype), flags, None::<&str>).map_err(|e| {
+        let data = (*fstype == "devpts").then_some("mode=0620,ptmxmode=0666");
+        mount(Some(*source), &path, Some(*fstype), flags, data).map_err(|e| {
             Failure::new(
                 InitError::Mount,
                 format!("mount {fstype} on {}", path.display()),

@@ -46,6 +46,8 @@ fn run() -> Result<Status, Failure> {
     let line = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| Failure::new(InitError::Other, "read /proc/cmdline", e))?;
     let cfg = cmdline::parse(&line)?;
+    // A name for prompts and logs; failure is harmless.
+    let _ = nix::unistd::sethostname("vmrun");
     let agent = File::open(AGENT).ok();
     if cfg.root != NO_ROOT {
         let root = plan::build_root(&cfg, Path::new("/"))?;

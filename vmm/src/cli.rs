@@ -33,6 +33,34 @@ pub struct Cli {
 enum Command {
     /// Boot a kernel and initramfs and exit with the guest's status.
     Boot(Box<BootArgs>),
+    /// An interactive shell in a fresh VM (PTY, resize, Ctrl-C to the guest); exits with the
+    /// shell's status.
+    Bash {
+        #[command(flatten)]
+        vm: crate::cli_vm::VmArgs,
+    },
+    /// Run one command in a fresh VM: stdout and stderr kept apart, its exit code returned
+    /// (125 launcher error, 126 cannot execute, 127 not found, 128+N killed by signal N).
+    Exec {
+        #[command(flatten)]
+        vm: crate::cli_vm::VmArgs,
+        #[command(flatten)]
+        cmd: crate::cli_vm::CmdArgs,
+    },
+    /// Like exec, with files uploaded first and the overlay captured after (with --upload or
+    /// --capture and no overlay chosen, a tmpfs overlay is used).
+    Run {
+        #[command(flatten)]
+        vm: crate::cli_vm::VmArgs,
+        /// Upload a host file before the command (repeatable).
+        #[arg(long, value_name = "SRC:DST")]
+        upload: Vec<String>,
+        /// Write a tar of everything the guest wrote (the overlay upper layer) here.
+        #[arg(long, value_name = "OUT.tar")]
+        capture: Option<PathBuf>,
+        #[command(flatten)]
+        cmd: crate::cli_vm::CmdArgs,
+    },
     /// Check this host: KVM, guest ring-0 speed, images, runnable test tiers.
     Doctor,
     /// Manage upper-layer disks for `--overlay PATH`.
@@ -219,6 +247,14 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot(*args),
+        Command::Bash { vm } => crate::cli_vm::bash(&vm),
+        Command::Exec { vm, cmd } => crate::cli_vm::run(&vm, &cmd, &[], None),
+        Command::Run {
+            vm,
+            upload,
+            capture,
+            cmd,
+        } => crate::cli_vm::run(&vm, &cmd, &upload, capture.as_ref()),
         Command::Doctor => {
             print!("{}", doctor::Report::gather().render());
             ExitCode::SUCCESS

@@ -7,6 +7,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;
+pub mod cli_vm;
 pub mod cmdline;
 pub mod compat;
 pub mod devices;

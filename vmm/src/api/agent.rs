@@ -55,6 +55,8 @@ impl Endpoint {
             Endpoint::Unix(p) => UnixStream::connect(p),
             Endpoint::Vsock { uds, port } => {
                 let mut s = UnixStream::connect(uds)?;
+                // A guest still booting cannot answer yet: do not wait on it for long.
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
                 s.write_all(format!("CONNECT {port}\n").as_bytes())?;
                 // The reply is short; read it byte by byte so no agent bytes are consumed.
                 let mut line = Vec::new();
@@ -71,6 +73,7 @@ impl Endpoint {
                     }
                     line.push(b[0]);
                 }
+                s.set_read_timeout(None)?;
                 if !line.starts_with(b"OK ") {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionRefused,
@@ -212,6 +215,13 @@ impl ProcessInput {
     pub fn close_stdin(&self) -> Result<(), AgentError> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *w, kind::EOF, &[]).map_err(|e| AgentError::Protocol(e.into()))
+    }
+
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let mut p = rows.to_le_bytes().to_vec();
+        p.extend_from_slice(&cols.to_le_bytes());
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *w, kind::RESIZE, &p).map_err(|e| AgentError::Protocol(e.into()))
     }
 }
 

@@ -1,0 +1,201 @@
+//! The `vmrun` CLI as a person uses it (T4: real VMs): `vmrun exec` exit codes and stream
+//! separation, the overlay toggle and flag precedence, and `vmrun bash` driven through a real
+//! terminal (tmux): prompt, a command, resize reaching the guest, Ctrl-C, `exit 3` → 3.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmrun_tests::{t4_images, t4_rootfs};
+
+fn vmrun() -> Command {
+    let bin =
+        vmrun::api::vm::vmm_binary().expect("the vmrun binary is built (cargo test --workspace)");
+    let mut c = Command::new(bin);
+    c.env_remove("GONDOLIN_ROOT_OVERLAY");
+    c
+}
+
+fn run(mut c: Command, stdin: &[u8]) -> (i32, String, String) {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ready(name: &str) -> bool {
+    t4_images(name).is_some() && t4_rootfs(name).is_some()
+}
+
+#[test]
+fn exec_exit_codes_and_separate_streams() {
+    if !ready("exec_exit_codes_and_separate_streams") {
+        return;
+    }
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let mut c = vmrun();
+            c.args([
+                "exec",
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo out; echo err >&2; cat; exit 7",
+            ]);
+            run(c, b"from stdin\n")
+        });
+        let b = s.spawn(|| {
+            let mut c = vmrun();
+            c.args(["exec", "--", "/no/such/program"]);
+            run(c, b"")
+        });
+        let (code, out, err) = a.join().unwrap();
+        assert_eq!(
+            (code, out.as_str()),
+            (7, "out\nfrom stdin\n"),
+            "stderr: {err}"
+        );
+        assert!(err.ends_with("err\n"), "{err}");
+        let (code, _, err) = b.join().unwrap();
+        assert_eq!(code, 127, "{err}");
+        assert!(err.contains("No such file"), "{err}");
+    });
+    // A launcher error (bad option value) is 125 and says why, without booting.
+    let mut c = vmrun();
+    c.args(["exec", "--overlay-size", "12q", "--", "true"]);
+    let (code, _, err) = run(c, b"");
+    assert_eq!(code, 125);
+    assert!(err.contains("--overlay-size 12q"), "{err}");
+}
+
+/// The overlay choice as the CLI resolves it (`--dry-run` prints the kernel command line; the
+/// T4 overlay tests prove that command line gives the guest that root).
+#[test]
+fn overlay_toggle_and_flag_precedence() {
+    let cmdline = |env: Option<&str>, flags: &[&str]| -> (i32, String) {
+        let mut c = vmrun();
+        if let Some(v) = env {
+            c.env("GONDOLIN_ROOT_OVERLAY", v);
+        }
+        c.args(["exec", "--dry-run", "--rootfs", "/dev/null"])
+            .args(flags)
+            .args(["--", "true"]);
+        let (code, out, err) = run(c, b"");
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdline: "))
+            .unwrap_or("")
+            .to_string();
+        (code, if code == 0 { line } else { err })
+    };
+    let (_, c) = cmdline(Some("TRUE"), &[]);
+    assert!(c.contains("root.overlay=tmpfs"), "{c}");
+    let (_, c) = cmdline(Some("tmpfs"), &[]);
+    assert!(c.contains("root.overlay=tmpfs"), "{c}");
+    let (_, c) = cmdline(None, &[]);
+    assert!(!c.contains("root.overlay"), "{c}");
+    let (_, c) = cmdline(Some("0"), &["--overlay", "tmpfs", "--overlay-size", "64M"]);
+    assert!(
+        c.contains("root.overlay=tmpfs root.overlaysize=64M"),
+        "the flag beats the toggle: {c}"
+    );
+    let (_, c) = cmdline(Some("1"), &["--cmdline", "root.overlay=/dev/vdc"]);
+    assert_eq!(
+        c.matches("root.overlay=").count(),
+        1,
+        "the user's root.overlay= wins: {c}"
+    );
+    let (code, err) = cmdline(Some("maybe"), &[]);
+    assert_eq!(code, 125);
+    assert!(err.contains("GONDOLIN_ROOT_OVERLAY=maybe"), "{err}");
+}
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux").args(args).output().expect("tmux");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_screen(session: &str, want: &str, limit: Duration) -> String {
+    let t = Instant::now();
+    loop {
+        let screen = tmux(&["capture-pane", "-p", "-t", session]);
+        if screen.contains(want) {
+            return screen;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "waited for {want:?}; screen:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn bash_in_a_real_terminal() {
+    if !ready("bash_in_a_real_terminal") {
+        return;
+    }
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("VMRUN_REQUIRE_T4").is_none(),
+            "tmux is required"
+        );
+        eprintln!("SKIPPED bash_in_a_real_terminal: no tmux");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = dir.path().join("status");
+    let session = format!("vmrun-test-{}", std::process::id());
+    let bin = vmrun::api::vm::vmm_binary().unwrap();
+    let cmd = format!(
+        "GONDOLIN_ROOT_OVERLAY=1 {} bash; echo $? > {}; sleep 60",
+        bin.display(),
+        status.display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &cmd,
+    ]);
+    let limit = Duration::from_secs(420);
+    wait_screen(&session, "root@vmrun:~#", limit);
+    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    wait_screen(&session, "30 100", Duration::from_secs(60));
+    tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
+    std::thread::sleep(Duration::from_secs(1));
+    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
+    wait_screen(&session, "40 120", Duration::from_secs(60));
+    tmux(&["send-keys", "-t", &session, "sleep 300", "Enter"]);
+    std::thread::sleep(Duration::from_secs(3));
+    tmux(&["send-keys", "-t", &session, "C-c"]);
+    tmux(&["send-keys", "-t", &session, "echo after-interrupt", "Enter"]);
+    wait_screen(&session, "\nafter-interrupt", Duration::from_secs(60));
+    tmux(&["send-keys", "-t", &session, "exit 3", "Enter"]);
+    let t = Instant::now();
+    while !status.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "vmrun bash did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let code = std::fs::read_to_string(&status).unwrap();
+    tmux(&["kill-session", "-t", &session]);
+    assert_eq!(code.trim(), "3");
+}

@@ -1,0 +1,151 @@
+//! The library used exactly as a harness would (T4: real VMs): upload → exec → capture, two VMs
+//! at once, 20 concurrent execs on one VM, Drop leaving nothing behind, and a VM whose init
+//! fails returning the init's error rather than a timeout.
+
+use std::io::Read;
+use std::time::Instant;
+
+use vmrun::api::vm::{Overlay, Vm, VmError};
+use vmrun_protocol::agent::ExitStatus;
+use vmrun_tests::{t4_images, t4_rootfs};
+
+fn vmrun_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "vmrun")
+        })
+        .count()
+}
+
+fn vmrun_temp_dirs() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vmrun-"))
+        .collect()
+}
+
+#[test]
+fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
+    let name = "two_vms_concurrent_execs_capture_and_a_clean_drop";
+    let (Some((_, _, pvm)), Some(_)) = (t4_images(name), t4_rootfs(name)) else {
+        return;
+    };
+    let procs_before = vmrun_processes();
+    let temps_before = vmrun_temp_dirs();
+    let t0 = Instant::now();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            Vm::builder()
+                .overlay(Overlay::Tmpfs {
+                    size: Some("128M".into()),
+                })
+                .vcpus(2)
+                .start()
+        });
+        let b = s.spawn(|| Vm::builder().overlay(Overlay::Tmpfs { size: None }).start());
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    let booted = t0.elapsed();
+    assert_eq!(
+        vmrun_processes(),
+        procs_before + 2,
+        "one VMM process per VM"
+    );
+
+    // Upload → exec sees it → capture contains it.
+    a.upload_bytes("/work/in.txt", b"from the harness\n", 0o644)
+        .unwrap();
+    let out = a.exec(["cat", "/work/in.txt"]).unwrap();
+    assert_eq!(
+        (out.status, out.stdout.as_slice()),
+        (ExitStatus::Exited(0), &b"from the harness\n"[..])
+    );
+    let mut tar = Vec::new();
+    a.capture_overlay(&mut tar).unwrap();
+    let mut found = false;
+    for e in tar::Archive::new(tar.as_slice()).entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() == "work/in.txt" {
+            let mut d = String::new();
+            e.read_to_string(&mut d).unwrap();
+            found = d == "from the harness\n";
+        }
+    }
+    assert!(found, "the upload is in the capture");
+    // The two VMs are separate machines.
+    assert!(b.exec(["cat", "/work/in.txt"]).unwrap().status != ExitStatus::Exited(0));
+
+    // Twenty commands at once on one VM.
+    let t = Instant::now();
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20)
+            .map(|i| {
+                let a = &a;
+                s.spawn(move || a.exec(["/bin/sh", "-c", &format!("echo {i}")]).unwrap())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, o) in outs.iter().enumerate() {
+        assert_eq!(
+            (o.status, o.stdout.clone()),
+            (ExitStatus::Exited(0), format!("{i}\n").into_bytes())
+        );
+    }
+    eprintln!(
+        "T4 library ({}): two VMs ready in {:.1}s; 20 concurrent execs in {:.1}s",
+        if pvm {
+            "PVM-emulated ring 0"
+        } else {
+            "hardware KVM"
+        },
+        booted.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+
+    // Drop kills the VMM and removes every host file it made.
+    drop(a);
+    drop(b);
+    assert_eq!(vmrun_processes(), procs_before, "no VMM process left");
+    assert_eq!(
+        vmrun_temp_dirs(),
+        temps_before,
+        "no socket, log or temp dir left"
+    );
+}
+
+#[test]
+fn a_failing_init_is_an_error_with_its_reason() {
+    let name = "a_failing_init_is_an_error_with_its_reason";
+    let (Some(_), Some(_)) = (t4_images(name), t4_rootfs(name)) else {
+        return;
+    };
+    let temps_before = vmrun_temp_dirs();
+    let t = Instant::now();
+    let e = Vm::builder()
+        .cmdline("root.overlay=tmpfs root.overlaysize=12q")
+        .start()
+        .err()
+        .expect("boot fails");
+    match &e {
+        VmError::BootFailed {
+            init_error: Some(line),
+            ..
+        } => {
+            assert!(
+                line.contains("vmrun-init: error: root.overlaysize=12q"),
+                "{line}"
+            );
+        }
+        other => panic!("expected the init's error, got: {other}"),
+    }
+    eprintln!(
+        "T4 library: init failure reported after {:.1}s: {e}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(vmrun_temp_dirs(), temps_before);
+}
