@@ -63,14 +63,14 @@ impl Asm {
         self.0.push(0xef);
         self
     }
-    /// mov dword [abs32], imm32
+    /// `mov dword [abs32], imm32`
     pub fn store_abs(mut self, addr: u32, v: u32) -> Self {
         self.0.extend_from_slice(&[0xc7, 0x04, 0x25]);
         self.0.extend_from_slice(&addr.to_le_bytes());
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
-    /// mov eax, dword [abs32]
+    /// `mov eax, dword [abs32]`
     pub fn load_abs(mut self, addr: u32) -> Self {
         self.0.extend_from_slice(&[0x8b, 0x04, 0x25]);
         self.0.extend_from_slice(&addr.to_le_bytes());

@@ -1,4 +1,7 @@
-//! What the library offers harnesses: the agent client (the VM-level API builds on it).
+//! What the library offers harnesses: [`vm::Vm`] (a VM as a value) and the agent client it is
+//! built on. The protocol types a harness needs are re-exported here.
 
 pub mod agent;
 pub mod vm;
+
+pub use vmrun_protocol::agent::{ErrorInfo, ErrorKind, Exec, ExitStatus, FileKind, StatInfo};
