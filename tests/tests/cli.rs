@@ -175,16 +175,16 @@ fn bash_in_a_real_terminal() {
     let limit = Duration::from_secs(420);
     wait_screen(&session, "root@vmrun:~#", limit);
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen(&session, "30 100", Duration::from_secs(60));
+    wait_screen(&session, "30 100", Duration::from_secs(240));
     tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
     std::thread::sleep(Duration::from_secs(1));
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen(&session, "40 120", Duration::from_secs(60));
+    wait_screen(&session, "40 120", Duration::from_secs(240));
     tmux(&["send-keys", "-t", &session, "sleep 300", "Enter"]);
     std::thread::sleep(Duration::from_secs(3));
     tmux(&["send-keys", "-t", &session, "C-c"]);
     tmux(&["send-keys", "-t", &session, "echo after-interrupt", "Enter"]);
-    wait_screen(&session, "\nafter-interrupt", Duration::from_secs(60));
+    wait_screen(&session, "\nafter-interrupt", Duration::from_secs(240));
     tmux(&["send-keys", "-t", &session, "exit 3", "Enter"]);
     let t = Instant::now();
     while !status.exists() {

@@ -41,7 +41,7 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 512)]
     memory: u64,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     cpus: u8,
     /// Extra kernel command-line parameters.
     #[arg(long)]
