@@ -43,7 +43,6 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
                 .overlay(Overlay::Tmpfs {
                     size: Some("128M".into()),
                 })
-                .vcpus(2)
                 .start()
         });
         let b = s.spawn(|| Vm::builder().overlay(Overlay::Tmpfs { size: None }).start());
@@ -58,7 +57,7 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
 
     // Upload → exec sees it → capture contains it.
     a.upload_bytes("/work/in.txt", b"from the harness\n", 0o644)
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}\n--- console of VM a ---\n{}", a.console_tail(40)));
     let out = a.exec(["cat", "/work/in.txt"]).unwrap();
     assert_eq!(
         (out.status, out.stdout.as_slice()),

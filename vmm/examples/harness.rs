@@ -21,7 +21,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             size: Some("256M".into()),
         })
         .memory_mib(512)
-        .vcpus(2)
         .start()?;
 
     // The fixture goes in through the guest kernel, so the command sees it at once.
