@@ -45,10 +45,16 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
         })
         .start()
         .unwrap();
-    let b = Vm::builder()
-        .overlay(Overlay::Tmpfs { size: None })
-        .start()
-        .unwrap();
+    // Started from a thread that ends at once: the VM must outlive it (it belongs to the
+    // process, not to the thread).
+    let b = std::thread::spawn(|| {
+        Vm::builder()
+            .overlay(Overlay::Tmpfs { size: None })
+            .start()
+            .unwrap()
+    })
+    .join()
+    .unwrap();
     let booted = t0.elapsed();
     assert_eq!(
         vmrun_processes(),

@@ -341,7 +341,26 @@ fn run(cfg: VmConfig, timeout: Option<Duration>) -> ExitCode {
     exit_code(outcome.code)
 }
 
+/// With `VMRUN_OWNER_PID` set (the library does), the VM ends when that process does.
+fn watch_owner() {
+    let Some(owner) = std::env::var(crate::api::vm::OWNER_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return;
+    };
+    std::thread::spawn(move || loop {
+        // SAFETY: getppid has no preconditions and cannot fail.
+        if unsafe { libc::getppid() } != owner {
+            eprintln!("vmrun: the owning process {owner} is gone; stopping the VM");
+            std::process::exit(EXIT_LAUNCHER);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
 fn boot(a: BootArgs) -> ExitCode {
+    watch_owner();
     let opts = a.launch_options();
     let env = std::env::var(crate::overlay::ENV_TOGGLE).ok();
     let resolved = match launch::resolve(&opts, env.as_deref()) {

@@ -254,16 +254,10 @@ impl VmBuilder {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // The VMM must not outlive its owner, even one killed without running Drop.
-        // SAFETY: prctl in the child before exec: async-signal-safe, no allocation.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // The VMM must not outlive its owner, even one killed without running Drop: it watches
+        // for this process to go away. (PR_SET_PDEATHSIG would fire when the spawning *thread*
+        // ends, which kills VMs started from worker threads.)
+        cmd.env(OWNER_ENV, std::process::id().to_string());
         let child = cmd.spawn().map_err(VmError::Spawn)?;
         let agent = AgentClient::new(Endpoint::Vsock {
             uds: sock,
@@ -279,6 +273,9 @@ impl VmBuilder {
         Ok(vm)
     }
 }
+
+/// Set for the VMM process: the pid whose exit ends the VM.
+pub const OWNER_ENV: &str = "VMRUN_OWNER_PID";
 
 /// `start` waits this long unless told otherwise (longer on hosts that emulate ring 0).
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
