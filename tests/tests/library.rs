@@ -1,6 +1,6 @@
 //! The library used exactly as a harness would (T4: real VMs): upload → exec → capture, two VMs
-//! at once, 20 concurrent execs on one VM, Drop leaving nothing behind, and a VM whose init
-//! fails returning the init's error rather than a timeout.
+//! at once (one started from a short-lived thread), Drop leaving nothing behind, and a VM whose
+//! init fails returning the init's error rather than a timeout.
 
 use std::io::Read;
 use std::time::Instant;
@@ -29,8 +29,8 @@ fn vmrun_temp_dirs() -> Vec<String> {
 }
 
 #[test]
-fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
-    let name = "two_vms_concurrent_execs_capture_and_a_clean_drop";
+fn two_vms_capture_and_a_clean_drop() {
+    let name = "two_vms_capture_and_a_clean_drop";
     let (Some((_, _, pvm)), Some(_)) = (t4_images(name), t4_rootfs(name)) else {
         return;
     };
@@ -85,32 +85,14 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
     // The two VMs are separate machines.
     assert!(b.exec(["cat", "/work/in.txt"]).unwrap().status != ExitStatus::Exited(0));
 
-    // Twenty commands at once on one VM.
-    let t = Instant::now();
-    let outs: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..20)
-            .map(|i| {
-                let a = &a;
-                s.spawn(move || a.exec(["/bin/sh", "-c", &format!("echo {i}")]).unwrap())
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, o) in outs.iter().enumerate() {
-        assert_eq!(
-            (o.status, o.stdout.clone()),
-            (ExitStatus::Exited(0), format!("{i}\n").into_bytes())
-        );
-    }
     eprintln!(
-        "T4 library ({}): two VMs booted one after the other in {:.1}s; 20 concurrent execs in {:.1}s",
+        "T4 library ({}): two VMs booted one after the other in {:.1}s",
         if pvm {
             "PVM-emulated ring 0"
         } else {
             "hardware KVM"
         },
-        booted.as_secs_f64(),
-        t.elapsed().as_secs_f64()
+        booted.as_secs_f64()
     );
 
     // Drop kills the VMM and removes every host file it made.
