@@ -18,7 +18,7 @@ use vmrun_protocol::agent::{
     kind, read_frame, write_frame, ErrorInfo, ErrorKind, Exec, ExitStatus,
 };
 
-use crate::server::send_error;
+use crate::server::{resource_error, send_error};
 use crate::Config;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -184,6 +184,7 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     }
     // SAFETY: a fresh pidfd we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pfd) };
+    normal_oom_score(pid);
     let (stdin, out, err) = match pty_master {
         Some(m) => {
             let f = File::from(m);
@@ -218,6 +219,21 @@ pub fn run(s: &mut UnixStream, cfg: &Config, x: Exec) {
         unsafe { libc::kill(-running.pid, libc::SIGKILL) };
     }
     supervise(s, running, x.timeout_ms.map(Duration::from_millis));
+}
+
+/// The agent shields itself from the OOM killer (see `main`); the commands it runs must not
+/// inherit that, so a command that exhausts guest memory is the one killed, not the agent.
+fn normal_oom_score(pid: i32) {
+    static OWN: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    let own = *OWN.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/oom_score_adj")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    });
+    if own < 0 {
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "0");
+    }
 }
 
 fn set_nonblocking(fd: RawFd) {
@@ -265,7 +281,20 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
     let master_fd = if pty { Some(out.as_raw_fd()) } else { None };
     let input = {
         let finished = finished.clone();
-        std::thread::spawn(move || client_input(reader, stdin, master_fd, pid, finished))
+        std::thread::Builder::new()
+            .name("agent-input".into())
+            .spawn(move || client_input(reader, stdin, master_fd, pid, finished))
+    };
+    let input = match input {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vmrun-agent: exec: cannot start the input thread: {e}");
+            // SAFETY: killing the process group we created.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = reap(pid, false);
+            send_error(s, &resource_error("start the command's input thread", &e));
+            return;
+        }
     };
 
     set_nonblocking(out.as_raw_fd());
@@ -323,14 +352,14 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
         if out_open {
             match pump(&mut out, kind::STDOUT, &writer, &mut buf) {
                 Ok(open) => out_open = open,
-                Err(_) => break true,
+                Err(e) => break lost(pid, &e),
             }
         }
         if err_open {
             if let Some(e) = err.as_mut() {
                 match pump(e, kind::STDERR, &writer, &mut buf) {
                     Ok(open) => err_open = open,
-                    Err(_) => break true,
+                    Err(e) => break lost(pid, &e),
                 }
             }
         }
@@ -359,6 +388,12 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
     }
     let _ = s.shutdown(std::net::Shutdown::Both);
     let _ = input.join();
+}
+
+/// The client connection failed mid-command: said on the console, since nobody else hears it.
+fn lost(pid: i32, e: &io::Error) -> bool {
+    eprintln!("vmrun-agent: exec pid {pid}: connection lost: {e}; killing the command");
+    true
 }
 
 fn reap(pid: i32, timed_out: bool) -> ExitStatus {

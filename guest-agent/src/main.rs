@@ -32,6 +32,7 @@ fn main() {
         eprintln!("vmrun-agent: no vsock device in this VM; not serving");
         std::process::exit(0);
     }
+    let in_vm = unix.is_none();
     let listener = match unix {
         Some(p) => UnixListener::bind(&p).map(Listener::Unix),
         None => Listener::vsock(PORT),
@@ -43,6 +44,13 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if in_vm {
+        // In a VM the agent is the only way in: a workload that exhausts memory must be the
+        // one the OOM killer picks. Commands get the normal score back (exec.rs).
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+            eprintln!("vmrun-agent: oom_score_adj: {e}");
+        }
+    }
     eprintln!("vmrun-agent: ready");
     match serve(listener, cfg) {
         Ok(()) => std::process::exit(0),

@@ -101,10 +101,19 @@ pub fn serve(listener: Listener, cfg: Config) -> io::Result<()> {
             Ok(s) => s,
             Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if transient_accept_error(&e) => {
+                // Out of fds or memory, or a peer that left before we accepted: the agent
+                // must outlive that, or every later connection fails too.
+                eprintln!("vmrun-agent: accept: {e}; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
             Err(e) => return Err(e),
         };
+        // Kept to report a failed thread start on; the thread gets the original.
+        let spare = stream.try_clone();
         let (cfg, stop) = (cfg.clone(), stop.clone());
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("agent-conn".into())
             .spawn(move || {
                 let mut s = stream;
@@ -115,7 +124,40 @@ pub fn serve(listener: Listener, cfg: Config) -> io::Result<()> {
                     // SAFETY: shutdown(2) on a socket fd; no memory is involved.
                     unsafe { libc::shutdown(lfd, libc::SHUT_RDWR) };
                 }
-            })?;
+            });
+        if let Err(e) = spawned {
+            eprintln!("vmrun-agent: cannot start a connection thread: {e}");
+            if let Ok(mut s) = spare {
+                send_error(&mut s, &resource_error("start a connection thread", &e));
+            }
+        }
+    }
+}
+
+/// Accept failures that concern one connection or a passing shortage, not the listener.
+fn transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOMEM
+                | libc::ENOBUFS
+                | libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EAGAIN
+        )
+    )
+}
+
+/// The agent could not get a thread, fd or memory for a request.
+pub fn resource_error(what: &str, e: &io::Error) -> ErrorInfo {
+    ErrorInfo {
+        kind: ErrorKind::Io,
+        errno: e.raw_os_error().unwrap_or(0),
+        message: format!("the agent cannot {what}: {e} (the guest is short of memory or processes; give the VM more --memory)"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The library used exactly as a harness would (T4: real VMs): upload → exec → capture, two VMs
-//! at once (one started from a short-lived thread), Drop leaving nothing behind, and a VM whose
-//! init fails returning the init's error rather than a timeout.
+//! at once (one started from a short-lived thread), 20 concurrent execs on one VM, a stopped VM
+//! named as such, Drop leaving nothing behind, and a VM whose init fails returning the init's
+//! error rather than a timeout.
 
 use std::io::Read;
 use std::time::Instant;
@@ -29,8 +30,8 @@ fn vmrun_temp_dirs() -> Vec<String> {
 }
 
 #[test]
-fn two_vms_capture_and_a_clean_drop() {
-    let name = "two_vms_capture_and_a_clean_drop";
+fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
+    let name = "two_vms_concurrent_execs_capture_and_a_clean_drop";
     let (Some((_, _, pvm)), Some(_)) = (t4_images(name), t4_rootfs(name)) else {
         return;
     };
@@ -85,15 +86,56 @@ fn two_vms_capture_and_a_clean_drop() {
     // The two VMs are separate machines.
     assert!(b.exec(["cat", "/work/in.txt"]).unwrap().status != ExitStatus::Exited(0));
 
+    // Twenty commands at once on one VM.
+    let t = Instant::now();
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20)
+            .map(|i| {
+                let a = &a;
+                s.spawn(move || {
+                    a.exec(["/bin/sh", "-c", &format!("echo {i}")])
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "exec {i}: {e}\n--- console of VM a ---\n{}",
+                                a.console_tail(40)
+                            )
+                        })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, o) in outs.iter().enumerate() {
+        assert_eq!(
+            (o.status, o.stdout.clone()),
+            (ExitStatus::Exited(0), format!("{i}\n").into_bytes())
+        );
+    }
     eprintln!(
-        "T4 library ({}): two VMs booted one after the other in {:.1}s",
+        "T4 library ({}): two VMs booted one after the other in {:.1}s; 20 concurrent execs in {:.1}s",
         if pvm {
             "PVM-emulated ring 0"
         } else {
             "hardware KVM"
         },
-        booted.as_secs_f64()
+        booted.as_secs_f64(),
+        t.elapsed().as_secs_f64()
     );
+
+    // A call on a VM that has stopped says so, rather than a bare connection error.
+    b.agent().shutdown().unwrap();
+    let t = Instant::now();
+    while b.is_running() {
+        assert!(
+            t.elapsed().as_secs() < 120,
+            "VM b did not stop after shutdown"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match b.exec(["true"]) {
+        Err(VmError::Stopped { .. }) => {}
+        other => panic!("expected VmError::Stopped, got {other:?}"),
+    }
 
     // Drop kills the VMM and removes every host file it made.
     drop(a);

@@ -82,6 +82,15 @@ enum Command {
         name: String,
         #[arg(long, default_value_t = 1)]
         cpus: u8,
+        /// Print the CLOCK_MONOTONIC time of the first KVM_RUN on stderr.
+        #[arg(long)]
+        timing: bool,
+        /// Attach a vsock device with its host socket here.
+        #[arg(long)]
+        vsock: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 32)]
+        memory: u64,
     },
 }
 
@@ -288,7 +297,19 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::TestGuest { name, cpus } => test_guest(&name, cpus),
+        Command::TestGuest {
+            name,
+            cpus,
+            timing,
+            vsock,
+            memory,
+        } => {
+            if timing {
+                crate::vstate::vcpu::REPORT_FIRST_RUN
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            test_guest(&name, cpus, vsock, memory)
+        }
         Command::Overlay {
             action: OverlayAction::Create { path, size, fstype },
         } => match crate::overlay::create_disk(&path, &size, &fstype) {
@@ -391,7 +412,7 @@ fn boot(a: BootArgs) -> ExitCode {
     )
 }
 
-fn test_guest(name: &str, cpus: u8) -> ExitCode {
+fn test_guest(name: &str, cpus: u8, vsock: Option<PathBuf>, mem_mib: u64) -> ExitCode {
     let Some(g) = testguest::by_name(name) else {
         eprintln!("vmrun: no test guest named {name}");
         return exit_code(2);
@@ -401,11 +422,11 @@ fn test_guest(name: &str, cpus: u8) -> ExitCode {
             code: g.code,
             mode: g.mode,
         },
-        mem_mib: 32,
+        mem_mib,
         vcpus: cpus,
         console: ConsoleSink::Stdout,
         disks: vec![],
-        vsock: None,
+        vsock: vsock.map(|uds_path| VsockConfig { cid: 3, uds_path }),
     };
     run(cfg, Some(Duration::from_secs(30)))
 }

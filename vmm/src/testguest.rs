@@ -187,6 +187,11 @@ pub fn spin(iterations: u32, mode: CpuMode) -> TestGuest {
     TestGuest { code, mode }
 }
 
+/// Spins in ring 3 until killed: a running VM that costs no exits (for measurements).
+pub fn park() -> TestGuest {
+    user(Asm::default().park())
+}
+
 /// Looks a program up by name (for the hidden `vmrun test-guest` command).
 pub fn by_name(name: &str) -> Option<TestGuest> {
     Some(match name {
@@ -195,6 +200,7 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
         "cpus" => cpus(),
         "mmio" => mmio(),
         "garbage" => garbage(),
+        "park" => park(),
         _ => {
             let code = name.strip_prefix("status-")?.parse().ok()?;
             status(Status::Exited(code))

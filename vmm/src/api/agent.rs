@@ -18,6 +18,10 @@ pub enum AgentError {
     Connect(io::Error),
     #[error("agent protocol: {0}")]
     Protocol(#[from] ProtoError),
+    /// The connection ended where a reply was due: the agent (or the VM) went away, or the
+    /// guest reset the connection. The guest console says which.
+    #[error("the agent closed the connection before sending {0}")]
+    Closed(&'static str),
     /// The agent reported a failure (with the OS error where there is one).
     #[error("{0}")]
     Remote(ErrorInfo),
@@ -37,6 +41,17 @@ impl AgentError {
             AgentError::Remote(e) => Some(e),
             _ => None,
         }
+    }
+
+    /// The connection itself failed (as opposed to the agent reporting an error): the VM may
+    /// have stopped.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Connect(_)
+                | AgentError::Closed(_)
+                | AgentError::Protocol(ProtoError::Io(_) | ProtoError::Truncated)
+        )
     }
 }
 
@@ -170,7 +185,7 @@ impl Process {
                 want: "STDOUT, STDERR or EXIT",
             }
             .into()),
-            None => Err(ProtoError::Truncated.into()),
+            None => Err(AgentError::Closed("the command's exit status")),
         }
     }
 
@@ -193,7 +208,7 @@ impl Process {
                 return Err(AgentError::OutputTooLarge(max));
             }
         }
-        Err(ProtoError::Truncated.into())
+        Err(AgentError::Closed("the command's exit status"))
     }
 }
 
@@ -243,7 +258,7 @@ fn expect(
         Some(k) if k == want_kind => Ok(()),
         Some(kind::ERROR) => Err(AgentError::Remote(ErrorInfo::decode(buf)?)),
         Some(k) => Err(ProtoError::Unexpected { got: k, want }.into()),
-        None => Err(ProtoError::Truncated.into()),
+        None => Err(AgentError::Closed(want)),
     }
 }
 

@@ -64,6 +64,12 @@ pub enum VmError {
     BootTimeout { secs: u64, console_tail: String },
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The VM is gone (guest shutdown, crash, or the VMM was killed): what a call on it meets.
+    #[error("the VM has stopped ({status}); console tail:\n{console_tail}")]
+    Stopped {
+        status: String,
+        console_tail: String,
+    },
 }
 
 /// Configures a VM; see [`Vm::builder`].
@@ -415,6 +421,45 @@ impl Vm {
         }
     }
 
+    /// Whether the VMM process is still running.
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self.child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_wait(),
+            Ok(None)
+        )
+    }
+
+    /// An agent call's result; a failed connection to a VM that has stopped says so.
+    fn call<T>(&self, r: Result<T, AgentError>) -> Result<T, VmError> {
+        r.map_err(|e| {
+            if !e.is_connection() {
+                return e.into();
+            }
+            // The VMM may still be on its way out: give it a moment to be seen gone.
+            for _ in 0..10 {
+                let exited = self
+                    .child
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .try_wait();
+                match exited {
+                    Ok(Some(status)) => {
+                        return VmError::Stopped {
+                            status: status.to_string(),
+                            console_tail: self.console_tail(20),
+                        }
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                    Err(_) => break,
+                }
+            }
+            e.into()
+        })
+    }
+
     /// The last `n` lines of the guest console.
     pub fn console_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.console).unwrap_or_default();
@@ -429,21 +474,21 @@ impl Vm {
 
     /// Runs a command to its end and returns its status and output.
     pub fn exec(&self, cmd: impl Into<Cmd>) -> Result<Output, VmError> {
-        Ok(self.agent.exec(cmd.into().0, None)?)
+        self.call(self.agent.exec(cmd.into().0, None))
     }
 
     /// Runs a command with `stdin` as its input.
     pub fn exec_with_stdin(&self, cmd: impl Into<Cmd>, stdin: &[u8]) -> Result<Output, VmError> {
-        Ok(self.agent.exec(cmd.into().0, Some(stdin))?)
+        self.call(self.agent.exec(cmd.into().0, Some(stdin)))
     }
 
     /// Starts a command and returns it running (stdin, output events, resize, signals).
     pub fn spawn(&self, cmd: impl Into<Cmd>) -> Result<Process, VmError> {
-        Ok(self.agent.spawn(cmd.into().0)?)
+        self.call(self.agent.spawn(cmd.into().0))
     }
 
     pub fn upload_bytes(&self, guest_path: &str, bytes: &[u8], mode: u32) -> Result<u64, VmError> {
-        Ok(self.agent.upload(guest_path, mode, true, false, bytes)?)
+        self.call(self.agent.upload(guest_path, mode, true, false, bytes))
     }
 
     pub fn upload_reader(
@@ -452,7 +497,7 @@ impl Vm {
         src: impl Read,
         mode: u32,
     ) -> Result<u64, VmError> {
-        Ok(self.agent.upload(guest_path, mode, true, false, src)?)
+        self.call(self.agent.upload(guest_path, mode, true, false, src))
     }
 
     /// Uploads a host file, keeping its permission bits.
@@ -466,22 +511,22 @@ impl Vm {
             .metadata()
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o644);
-        Ok(self.agent.upload(guest_path, mode, true, false, f)?)
+        self.call(self.agent.upload(guest_path, mode, true, false, f))
     }
 
     pub fn download(&self, guest_path: &str, dst: impl Write) -> Result<u64, VmError> {
-        Ok(self.agent.download(guest_path, dst)?.0)
+        self.call(self.agent.download(guest_path, dst).map(|r| r.0))
     }
 
     pub fn download_bytes(&self, guest_path: &str) -> Result<Vec<u8>, VmError> {
         let mut v = Vec::new();
-        self.agent.download(guest_path, &mut v)?;
+        self.call(self.agent.download(guest_path, &mut v))?;
         Ok(v)
     }
 
     /// Streams a tar of everything the guest wrote (the overlay upper layer).
     pub fn capture_overlay(&self, dst: impl Write) -> Result<u64, VmError> {
-        Ok(self.agent.capture(dst)?)
+        self.call(self.agent.capture(dst))
     }
 
     /// Captures into a file at `path`.

@@ -179,6 +179,9 @@ impl Vcpu {
     }
 
     fn run_loop(mut self) {
+        if REPORT_FIRST_RUN.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("vmrun: timing: first KVM_RUN at {} ns", monotonic_ns());
+        }
         while !self.exit.should_stop() {
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
@@ -280,6 +283,22 @@ pub fn stop_and_join(handle: JoinHandle<()>) {
     if handle.join().is_err() {
         log::error!("a vCPU thread panicked");
     }
+}
+
+/// Set by `vmrun bench`'s probe (`vmrun test-guest --timing`): the first vCPU to enter
+/// KVM_RUN prints the CLOCK_MONOTONIC time, which the spawning process compares with its own.
+pub static REPORT_FIRST_RUN: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
