@@ -63,6 +63,17 @@ enum Command {
     },
     /// Check this host: KVM, guest ring-0 speed, images, runnable test tiers.
     Doctor,
+    /// Measure what vmrun costs: VMM start and memory, the agent over its host transport
+    /// (exec, upload, download, capture beside GNU tar), the vsock device model, and guest
+    /// figures where this host runs guest ring 0 at speed. Prints median and p99 per row.
+    Bench {
+        /// Smaller sizes and fewer repetitions (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Measure inside a VM even where guest ring 0 is emulated (labelled as such).
+        #[arg(long)]
+        guest: bool,
+    },
     /// Manage upper-layer disks for `--overlay PATH`.
     Overlay {
         #[command(subcommand)]
@@ -326,6 +337,13 @@ pub fn main() -> ExitCode {
                 exit_code(EXIT_LAUNCHER)
             }
         },
+        Command::Bench { quick, guest } => {
+            print!(
+                "{}",
+                crate::bench::run(crate::bench::Scale { quick }, guest)
+            );
+            ExitCode::SUCCESS
+        }
         Command::HostKind => match crate::compat::ring0_emulated() {
             Ok(pvm) => {
                 println!("{}", if pvm { "pvm" } else { "hw" });

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod cli_vm;

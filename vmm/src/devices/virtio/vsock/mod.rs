@@ -23,7 +23,7 @@ pub use muxer::{Muxer, VsockError, VsockMetrics};
 /// The host's CID (VMADDR_CID_HOST).
 pub const HOST_CID: u64 = 2;
 const RXQ: usize = 0;
-const TXQ: usize = 1;
+pub(crate) const TXQ: usize = 1;
 const QUEUE_SIZE: u16 = 256;
 /// Largest payload one packet may carry (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
@@ -269,18 +269,7 @@ mod tests {
     }
 
     fn hdr_bytes(h: &Header) -> Vec<u8> {
-        let mut v = Vec::with_capacity(44);
-        v.extend_from_slice(&h.src_cid.to_le_bytes());
-        v.extend_from_slice(&h.dst_cid.to_le_bytes());
-        v.extend_from_slice(&h.src_port.to_le_bytes());
-        v.extend_from_slice(&h.dst_port.to_le_bytes());
-        v.extend_from_slice(&h.len.to_le_bytes());
-        v.extend_from_slice(&h.type_.to_le_bytes());
-        v.extend_from_slice(&h.op.to_le_bytes());
-        v.extend_from_slice(&h.flags.to_le_bytes());
-        v.extend_from_slice(&h.buf_alloc.to_le_bytes());
-        v.extend_from_slice(&h.fwd_cnt.to_le_bytes());
-        v
+        h.to_bytes().to_vec()
     }
 
     impl<'a> Guest<'a> {
