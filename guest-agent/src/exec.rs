@@ -50,9 +50,45 @@ fn cstring(s: &str, what: &str) -> Result<CString, ErrorInfo> {
     })
 }
 
+/// `name` looked up in `path` the way execvp would; `None` when no directory has it.
+fn search_path(name: &str, path: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     let argv0 = x.argv[0].as_str();
-    let mut cmd = Command::new(argv0);
+    // The common case (no terminal, chroot or identity change) needs nothing between fork and
+    // exec, so std can use posix_spawn (vfork-like: no copy of the agent's page tables),
+    // which it does only for a program given as a path.
+    let simple = x.pty.is_none() && !cfg.chroot && x.uid.is_none() && x.gid.is_none();
+    let program = if simple && !argv0.contains('/') {
+        let path = x
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or(if x.clear_env { "" } else { DEFAULT_PATH });
+        match search_path(argv0, path) {
+            Some(p) => p.into_os_string(),
+            None => {
+                return Err(spawn_error(
+                    argv0,
+                    &io::Error::from_raw_os_error(libc::ENOENT),
+                ))
+            }
+        }
+    } else {
+        argv0.into()
+    };
+    let mut cmd = Command::new(&program);
+    cmd.arg0(argv0);
     cmd.args(&x.argv[1..]);
     if x.clear_env {
         cmd.env_clear();
@@ -136,40 +172,12 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         .stderr(Stdio::piped());
     }
     let pty = pty_master.is_some();
-    // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe system calls on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            // A session of its own: the process group the timeout and signals address, and the
-            // PTY's controlling terminal.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(root) = &chroot {
-                if libc::chroot(root.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(dir) = &cwd {
-                if libc::chdir(dir.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(g) = gid {
-                if libc::setgid(g) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(u) = uid {
-                if libc::setgroups(0, std::ptr::null()) < 0 || libc::setuid(u) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+    if simple {
+        // Its own process group, the one timeouts and signals address (no terminal, so no
+        // session is needed).
+        cmd.process_group(0);
+    } else {
+        set_up_child(&mut cmd, pty, chroot, cwd, uid, gid);
     }
     let mut child = cmd.spawn().map_err(|e| spawn_error(argv0, &e))?;
     let pid = child.id() as i32;
@@ -206,6 +214,53 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         err,
         pty,
     })
+}
+
+/// What runs between fork and exec when the simple path does not apply: a session (and the
+/// PTY as controlling terminal), chroot, working directory, identity.
+fn set_up_child(
+    cmd: &mut Command,
+    pty: bool,
+    chroot: Option<CString>,
+    cwd: Option<CString>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) {
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A session of its own: the process group the timeout and signals address, and the
+            // PTY's controlling terminal.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(root) = &chroot {
+                if libc::chroot(root.as_ptr()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(dir) = &cwd {
+                if libc::chdir(dir.as_ptr()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(g) = gid {
+                if libc::setgid(g) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(u) = uid {
+                if libc::setgroups(0, std::ptr::null()) < 0 || libc::setuid(u) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Runs the request to its end on this connection.

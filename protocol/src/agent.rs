@@ -88,8 +88,18 @@ pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: u8, payload: &[u8]) -> io
     let mut head = [0u8; 5];
     head[..4].copy_from_slice(&(len as u32).to_le_bytes());
     head[4] = kind;
-    w.write_all(&head)?;
-    w.write_all(payload)
+    // Header and payload in one system call where the writer takes both.
+    let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads one frame into `buf` (reused) and returns its kind. `Ok(None)` is a clean end of
@@ -120,8 +130,13 @@ pub fn read_frame<R: Read + ?Sized>(
     if kind == 0 || kind > kind::LAST {
         return Err(ProtoError::UnknownKind(kind));
     }
-    buf.clear();
-    buf.resize(len - 1, 0);
+    // Reused without zeroing what read_exact overwrites anyway: a memset of every payload
+    // cost as much as the copy itself.
+    if buf.len() < len - 1 {
+        buf.resize(len - 1, 0);
+    } else {
+        buf.truncate(len - 1);
+    }
     r.read_exact(buf).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             ProtoError::Truncated

@@ -34,6 +34,7 @@ fn quick_bench_measures_every_host_row() {
         "VMM spawn → first KVM_RUN",
         "VMM RSS without guest memory",
         "agent exec `true` round trip",
+        "floor: posix_spawn `true` + wait",
         "agent upload 1 MiB",
         "agent download 1 MiB",
         "agent upload 128 MiB",

@@ -149,11 +149,12 @@ impl Harness {
     }
 
     fn rows(&self, scale: Scale) -> Vec<Row> {
-        let mut rows = vec![self.exec_rtt(scale)];
+        let mut rows = vec![self.exec_rtt(scale), spawn_floor(scale)];
         let big = if scale.quick { 128 * MIB } else { 1024 * MIB };
         let big_name = format!("{} MiB", big / MIB);
         rows.extend(self.transfer("1 MiB", MIB, scale.reps(200, 30)));
         rows.extend(self.transfer(&big_name, big, scale.reps(5, 2)));
+        rows.push(self.write_floor(big, &big_name, scale.reps(5, 2)));
         rows.extend(self.capture_small(scale));
         rows.extend(self.capture_big(big, &big_name, scale));
         rows
@@ -179,6 +180,38 @@ impl Harness {
                 v.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
+        row.samples(&v)
+    }
+
+    /// What an upload cannot beat here: writing a new file of `size` bytes in the same
+    /// filesystem from memory (fresh pages are allocated and zeroed by the kernel).
+    fn write_floor(&self, size: u64, label: &str, n: usize) -> Row {
+        let row = Row::new(
+            format!("floor: write a new {label} file"),
+            "MiB/s",
+            Goal::None,
+        );
+        let path = self.dir.path().join("floor");
+        let buf = vec![0xa5u8; 256 << 10];
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let _ = std::fs::remove_file(&path);
+            let t = Instant::now();
+            let r = std::fs::File::create(&path).and_then(|mut f| {
+                let mut left = size;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    f.write_all(&buf[..k])?;
+                    left -= k as u64;
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                return row.absent(e.to_string());
+            }
+            v.push(mib_per_s(size, t.elapsed()));
+        }
+        let _ = std::fs::remove_file(&path);
         row.samples(&v)
     }
 
@@ -295,6 +328,23 @@ impl Harness {
         let _ = clear_dir(&upper);
         rows
     }
+}
+
+/// What an exec cannot beat here: starting `/bin/true` and waiting for it, from this process
+/// with posix_spawn (the agent's own path for a plain command).
+fn spawn_floor(scale: Scale) -> Row {
+    let row = Row::new("floor: posix_spawn `true` + wait", "µs", Goal::None);
+    let n = scale.reps(2000, 200);
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        match Command::new("/bin/true").status() {
+            Ok(s) if s.success() => v.push(t.elapsed().as_secs_f64() * 1e6),
+            Ok(s) => return row.absent(format!("/bin/true ended with {s}")),
+            Err(e) => return row.absent(format!("cannot run /bin/true: {e}")),
+        }
+    }
+    row.samples(&v)
 }
 
 fn clear_dir(dir: &Path) -> io::Result<()> {
