@@ -19,28 +19,23 @@ use vmrun_protocol::agent::{kind, write_frame, ErrorInfo, CHUNK};
 use crate::server::send_error;
 use crate::Config;
 
-/// Buffers tar bytes into DATA frames.
+/// Turns writes into DATA frames. It sits under a `BufWriter` of one frame's size, so it sees
+/// frame-sized slices, and `io::copy` (which the tar builder uses for file data) reads files
+/// straight into that buffer: one copy from the file, one into the socket.
 struct FrameWriter<'a> {
     s: &'a mut UnixStream,
-    buf: Vec<u8>,
 }
 
 impl Write for FrameWriter<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let room = CHUNK - self.buf.len();
-        let n = room.min(data.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == CHUNK {
-            self.flush()?;
+        let n = data.len().min(CHUNK);
+        if n > 0 {
+            write_frame(self.s, kind::DATA, &data[..n])?;
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            write_frame(self.s, kind::DATA, &self.buf)?;
-            self.buf.clear();
-        }
         Ok(())
     }
 }
@@ -209,10 +204,7 @@ pub fn run(s: &mut UnixStream, cfg: &Config) {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     let result = (|| -> io::Result<()> {
-        let w = FrameWriter {
-            s,
-            buf: Vec::with_capacity(CHUNK),
-        };
+        let w = io::BufWriter::with_capacity(CHUNK, FrameWriter { s });
         let mut walk = Walk {
             tar: Builder::new(w),
             root: &upper,
@@ -221,8 +213,8 @@ pub fn run(s: &mut UnixStream, cfg: &Config) {
         walk.tar.mode(tar::HeaderMode::Complete);
         walk.tar.follow_symlinks(false);
         walk.entry(&upper, Path::new(""))?;
-        let mut w = walk.tar.into_inner()?;
-        w.flush()?;
+        let w = walk.tar.into_inner()?;
+        let w = w.into_inner().map_err(|e| e.into_error())?;
         write_frame(w.s, kind::EOF, &[])
     })();
     if let Err(e) = result {

@@ -119,6 +119,38 @@ fn overlay_toggle_and_flag_precedence() {
     assert!(err.contains("GONDOLIN_ROOT_OVERLAY=maybe"), "{err}");
 }
 
+/// Runs `cmd` in a new 100×30 tmux session and waits for the guest's prompt.
+fn start_shell(session: &str, cmd: &str) {
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        session,
+        "-x",
+        "100",
+        "-y",
+        "30",
+        cmd,
+    ]);
+    wait_screen(session, "root@vmrun:~#", Duration::from_secs(420));
+}
+
+/// The T4 images and tmux (which the terminal tests drive `vmrun bash` through).
+fn ready_with_tmux(name: &str) -> bool {
+    if !ready(name) {
+        return false;
+    }
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("VMRUN_REQUIRE_T4").is_none(),
+            "tmux is required"
+        );
+        eprintln!("SKIPPED {name}: no tmux");
+        return false;
+    }
+    true
+}
+
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux").args(args).output().expect("tmux");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -141,15 +173,7 @@ fn wait_screen(session: &str, want: &str, limit: Duration) -> String {
 
 #[test]
 fn bash_in_a_real_terminal() {
-    if !ready("bash_in_a_real_terminal") {
-        return;
-    }
-    if Command::new("tmux").arg("-V").output().is_err() {
-        assert!(
-            std::env::var_os("VMRUN_REQUIRE_T4").is_none(),
-            "tmux is required"
-        );
-        eprintln!("SKIPPED bash_in_a_real_terminal: no tmux");
+    if !ready_with_tmux("bash_in_a_real_terminal") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -161,19 +185,7 @@ fn bash_in_a_real_terminal() {
         bin.display(),
         status.display()
     );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &cmd,
-    ]);
-    let limit = Duration::from_secs(420);
-    wait_screen(&session, "root@vmrun:~#", limit);
+    start_shell(&session, &cmd);
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
     wait_screen(&session, "30 100", Duration::from_secs(240));
     tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
@@ -198,4 +210,73 @@ fn bash_in_a_real_terminal() {
     let code = std::fs::read_to_string(&status).unwrap();
     tmux(&["kill-session", "-t", &session]);
     assert_eq!(code.trim(), "3");
+}
+
+/// Pids of processes whose command line is exactly `argv`.
+fn pids_running(argv: &[&str]) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+                args.len() == argv.len() && args.iter().zip(argv).all(|(a, b)| *a == b.as_bytes())
+            })
+        })
+        .collect()
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn bash_killed_from_outside_restores_the_terminal() {
+    if !ready_with_tmux("bash_killed_from_outside_restores_the_terminal") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stty) = (dir.path().join("status"), dir.path().join("stty"));
+    let session = format!("vmrun-kill-{}", std::process::id());
+    let bin = vmrun::api::vm::vmm_binary().unwrap();
+    let bin = bin.to_str().unwrap();
+    let cmd = format!(
+        "GONDOLIN_ROOT_OVERLAY=1 {bin} bash; echo $? > {}; stty -a > {}; sleep 60",
+        status.display(),
+        stty.display()
+    );
+    start_shell(&session, &cmd);
+    let pids = pids_running(&[bin, "bash"]);
+    assert_eq!(pids.len(), 1, "one `vmrun bash`: {pids:?}");
+    let vmm = children_of(pids[0]);
+    assert_eq!(vmm.len(), 1, "one VMM under vmrun bash: {vmm:?}");
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pids[0] as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while !stty.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "vmrun bash did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let code = std::fs::read_to_string(&status).unwrap();
+    let modes = std::fs::read_to_string(&stty).unwrap();
+    tmux(&["kill-session", "-t", &session]);
+    assert_eq!(code.trim(), "143", "128 + SIGTERM");
+    for m in ["icanon", "echo", "isig"] {
+        assert!(
+            modes.split_whitespace().any(|w| w == m),
+            "terminal left without {m}: {modes}"
+        );
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", vmm[0])).exists(),
+        "the VMM outlived vmrun bash"
+    );
 }

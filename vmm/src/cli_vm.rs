@@ -297,6 +297,20 @@ extern "C" fn on_winch(_: libc::c_int) {
     WINCH.store(true, Ordering::SeqCst);
 }
 
+/// The terminal as it was before raw mode, for the termination handler to put back at once.
+static SAVED_TERMIOS: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+/// SIGTERM, SIGHUP or SIGQUIT received: the shell is hung up and the VM shut down in order.
+static TERM_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_term(sig: libc::c_int) {
+    TERM_SIGNAL.store(sig, Ordering::SeqCst);
+    if let Some(t) = SAVED_TERMIOS.get() {
+        // SAFETY: tcsetattr is async-signal-safe; `t` was fully written before the handler
+        // was installed.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+    }
+}
+
 fn window_size() -> (u16, u16) {
     // SAFETY: TIOCGWINSZ writes one winsize through the valid pointer.
     unsafe {
@@ -321,6 +335,7 @@ impl RawTerminal {
                 return None;
             }
             let saved = t;
+            let _ = SAVED_TERMIOS.set(saved);
             libc::cfmakeraw(&mut t);
             libc::tcsetattr(0, libc::TCSANOW, &t);
             Some(RawTerminal(saved))
@@ -365,10 +380,32 @@ pub fn bash(vm_args: &VmArgs) -> ExitCode {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t) };
     let raw = RawTerminal::enter();
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: the handler only stores to an atomic and calls tcsetattr.
+        unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
+    }
     let input = p.input();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
+        let mut hung_up: Option<std::time::Instant> = None;
         loop {
+            // Killed from outside: hang the shell up like a closed terminal would, and
+            // insist if it lingers; the main loop then sees it exit and cleans up.
+            if TERM_SIGNAL.load(Ordering::SeqCst) != 0 {
+                match hung_up {
+                    None => {
+                        let _ = input.signal(libc::SIGHUP);
+                        hung_up = Some(std::time::Instant::now());
+                    }
+                    Some(t) if t.elapsed() > Duration::from_secs(2) => {
+                        let _ = input.signal(libc::SIGKILL);
+                        return;
+                    }
+                    Some(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             if WINCH.swap(false, Ordering::SeqCst) {
                 let (r, c) = window_size();
                 let _ = input.resize(r, c);
@@ -416,5 +453,8 @@ pub fn bash(vm_args: &VmArgs) -> ExitCode {
     drop(raw);
     let _ = vm.shutdown();
     std::thread::sleep(Duration::from_millis(10));
-    code(status)
+    match TERM_SIGNAL.load(Ordering::SeqCst) {
+        0 => code(status),
+        sig => code(128 + sig),
+    }
 }

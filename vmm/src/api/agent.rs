@@ -238,6 +238,13 @@ impl ProcessInput {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *w, kind::RESIZE, &p).map_err(|e| AgentError::Protocol(e.into()))
     }
+
+    /// Signals the command's process group.
+    pub fn signal(&self, sig: i32) -> Result<(), AgentError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *w, kind::SIGNAL, &sig.to_le_bytes())
+            .map_err(|e| AgentError::Protocol(e.into()))
+    }
 }
 
 /// Default cap on collected output of [`AgentClient::exec`].
