@@ -1,6 +1,8 @@
-//! Helpers shared by the end-to-end tests: finding the images, skipping honestly, and timing the
-//! stages of a boot from what the console shows.
+//! Helpers shared by the end-to-end tests: finding the images, skipping honestly, timing the
+//! stages of a boot from what the console shows, and reading captured tars.
 
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -124,4 +126,57 @@ pub fn sha256(p: &std::path::Path) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// One entry of a captured tar, as the tests look at it.
+#[derive(Debug, Default)]
+pub struct TarEntry {
+    pub kind: u8,
+    pub mode: u32,
+    pub dev: (u32, u32),
+    pub link: Option<String>,
+    pub data: Vec<u8>,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// A tar archive by path (trailing `/` dropped), with contents and PAX xattrs.
+pub fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
+    let mut a = tar::Archive::new(bytes);
+    let mut out = BTreeMap::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        let h = e.header().clone();
+        let mut t = TarEntry {
+            kind: h.entry_type().as_byte(),
+            mode: h.mode().unwrap(),
+            dev: (
+                h.device_major().ok().flatten().unwrap_or(0),
+                h.device_minor().ok().flatten().unwrap_or(0),
+            ),
+            link: e
+                .link_name()
+                .unwrap()
+                .map(|l| l.to_string_lossy().into_owned()),
+            ..Default::default()
+        };
+        // The tar crate's PAX reader splits records at newlines, so it cannot read binary
+        // xattr values (overlayfs writes some); such records are skipped here, and GNU tar
+        // (which reads them) checks the whole archive where it matters.
+        if let Ok(Some(pax)) = e.pax_extensions() {
+            for x in pax.flatten() {
+                if let Some(k) = x.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                    t.xattrs.insert(k.to_string(), x.value_bytes().to_vec());
+                }
+            }
+        }
+        e.read_to_end(&mut t.data).unwrap();
+        out.insert(path, t);
+    }
+    out
 }

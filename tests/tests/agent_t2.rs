@@ -3,7 +3,6 @@
 //! mount plan in a private mount namespace — and driven by the real host client over a Unix
 //! socket. Only the transport and the root path differ from the guest.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -18,6 +17,7 @@ use vmrun_agent::server::{serve, Listener};
 use vmrun_protocol::agent::{
     kind, read_frame, write_frame, ErrorKind, Exec, ExitStatus, FileKind, MAX_FRAME,
 };
+use vmrun_tests::read_tar;
 
 fn rootfs(test: &str) -> Option<PathBuf> {
     // SAFETY: geteuid has no preconditions.
@@ -141,57 +141,6 @@ fn upload_is_seen_by_exec_at_once_and_lands_only_in_the_capture() {
     );
     // The overlay lived in a private namespace: the file exists nowhere on the host.
     assert!(!newroot.join("work/dir/hello.txt").exists());
-}
-
-#[derive(Debug, Default)]
-struct TarEntry {
-    kind: u8,
-    mode: u32,
-    dev: (u32, u32),
-    link: Option<String>,
-    data: Vec<u8>,
-    xattrs: BTreeMap<String, Vec<u8>>,
-}
-
-fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
-    let mut a = tar::Archive::new(bytes);
-    let mut out = BTreeMap::new();
-    for e in a.entries().unwrap() {
-        let mut e = e.unwrap();
-        let path = e
-            .path()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches('/')
-            .to_string();
-        let h = e.header().clone();
-        let mut t = TarEntry {
-            kind: h.entry_type().as_byte(),
-            mode: h.mode().unwrap(),
-            dev: (
-                h.device_major().ok().flatten().unwrap_or(0),
-                h.device_minor().ok().flatten().unwrap_or(0),
-            ),
-            link: e
-                .link_name()
-                .unwrap()
-                .map(|l| l.to_string_lossy().into_owned()),
-            ..Default::default()
-        };
-        // The tar crate's PAX reader splits records at newlines, so it cannot read binary
-        // xattr values (overlayfs writes some); such records are skipped here, and GNU tar
-        // (which reads them) checks the whole archive where it matters.
-        if let Ok(Some(pax)) = e.pax_extensions() {
-            for x in pax.flatten() {
-                if let Some(k) = x.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    t.xattrs.insert(k.to_string(), x.value_bytes().to_vec());
-                }
-            }
-        }
-        e.read_to_end(&mut t.data).unwrap();
-        out.insert(path, t);
-    }
-    out
 }
 
 #[test]

@@ -3,7 +3,6 @@
 //! replace a directory, capture the upper layer, check the tar, shut down; the rootfs image is
 //! unchanged. Timings are printed with the kind of KVM they came from.
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use vmrun::api::agent::{AgentClient, Endpoint};
@@ -15,7 +14,7 @@ use vmrun::overlay::OverlayRequest;
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::agent::{Exec, ExitStatus, PORT};
 use vmrun_protocol::status::Status;
-use vmrun_tests::{sha256, t4_images, t4_rootfs};
+use vmrun_tests::{read_tar, sha256, t4_images, t4_rootfs};
 
 fn sh(script: &str) -> Exec {
     Exec {
@@ -121,38 +120,19 @@ fn upload_exec_capture_through_a_real_guest() {
     let mut tar = Vec::new();
     agent.capture(&mut tar).unwrap();
     let capture = t.elapsed();
-    let mut found = (false, false, false);
-    let mut a = tar::Archive::new(tar.as_slice());
-    for e in a.entries().unwrap() {
-        let mut e = e.unwrap();
-        let path = e
-            .path()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches('/')
-            .to_string();
-        match path.as_str() {
-            "root/work/seed.bin" => {
-                let mut d = Vec::new();
-                e.read_to_end(&mut d).unwrap();
-                found.0 = d == payload;
-            }
-            "etc/issue" => {
-                found.1 = e.header().entry_type().is_character_special()
-                    && e.header().device_major().ok().flatten() == Some(0)
-            }
-            "etc/skel" => {
-                let pax = e.pax_extensions().unwrap();
-                found.2 = pax.is_some_and(|p| {
-                    p.filter_map(|x| x.ok()).any(|x| {
-                        x.key().ok() == Some("SCHILY.xattr.trusted.overlay.opaque")
-                            && x.value_bytes() == b"y"
-                    })
-                });
-            }
-            _ => {}
-        }
-    }
+    let entries = read_tar(&tar);
+    let found = (
+        entries
+            .get("root/work/seed.bin")
+            .is_some_and(|e| e.data == payload),
+        // A whiteout: char device 0/0.
+        entries
+            .get("etc/issue")
+            .is_some_and(|e| e.kind == b'3' && e.dev.0 == 0),
+        entries.get("etc/skel").is_some_and(|e| {
+            e.xattrs.get("trusted.overlay.opaque").map(Vec::as_slice) == Some(&b"y"[..])
+        }),
+    );
     assert_eq!(
         found,
         (true, true, true),

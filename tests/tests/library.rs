@@ -3,12 +3,11 @@
 //! named as such, Drop leaving nothing behind, and a VM whose init fails returning the init's
 //! error rather than a timeout.
 
-use std::io::Read;
 use std::time::Instant;
 
 use vmrun::api::vm::{Overlay, Vm, VmError};
 use vmrun_protocol::agent::ExitStatus;
-use vmrun_tests::{t4_images, t4_rootfs};
+use vmrun_tests::{read_tar, t4_images, t4_rootfs};
 
 fn vmrun_processes() -> usize {
     std::fs::read_dir("/proc")
@@ -73,15 +72,9 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
     );
     let mut tar = Vec::new();
     a.capture_overlay(&mut tar).unwrap();
-    let mut found = false;
-    for e in tar::Archive::new(tar.as_slice()).entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_string_lossy() == "work/in.txt" {
-            let mut d = String::new();
-            e.read_to_string(&mut d).unwrap();
-            found = d == "from the harness\n";
-        }
-    }
+    let found = read_tar(&tar)
+        .get("work/in.txt")
+        .is_some_and(|e| e.data == b"from the harness\n");
     assert!(found, "the upload is in the capture");
     // The two VMs are separate machines.
     assert!(b.exec(["cat", "/work/in.txt"]).unwrap().status != ExitStatus::Exited(0));

@@ -121,7 +121,7 @@ pub enum Event {
 pub struct Process {
     pid: u32,
     reader: UnixStream,
-    writer: Arc<Mutex<UnixStream>>,
+    input: ProcessInput,
     buf: Vec<u8>,
     done: bool,
 }
@@ -131,40 +131,28 @@ impl Process {
         self.pid
     }
 
-    fn send(&self, k: u8, payload: &[u8]) -> Result<(), AgentError> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *w, k, payload).map_err(|e| AgentError::Protocol(e.into()))
-    }
-
     /// Sends bytes to the command's stdin.
     pub fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
-        for c in data.chunks(CHUNK) {
-            self.send(kind::DATA, c)?;
-        }
-        Ok(())
+        self.input.write_stdin(data)
     }
 
     /// Closes the command's stdin.
     pub fn close_stdin(&self) -> Result<(), AgentError> {
-        self.send(kind::EOF, &[])
+        self.input.close_stdin()
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
-        let mut p = rows.to_le_bytes().to_vec();
-        p.extend_from_slice(&cols.to_le_bytes());
-        self.send(kind::RESIZE, &p)
+        self.input.resize(rows, cols)
     }
 
     /// Signals the command's process group.
     pub fn signal(&self, sig: i32) -> Result<(), AgentError> {
-        self.send(kind::SIGNAL, &sig.to_le_bytes())
+        self.input.signal(sig)
     }
 
     /// A handle that can send input and signals from another thread.
     pub fn input(&self) -> ProcessInput {
-        ProcessInput {
-            writer: self.writer.clone(),
-        }
+        self.input.clone()
     }
 
     /// The next event; `None` after `Exit`.
@@ -219,6 +207,12 @@ pub struct ProcessInput {
 }
 
 impl ProcessInput {
+    fn send(&self, k: u8, payload: &[u8]) -> Result<(), AgentError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut *w, k, payload).map_err(|e| AgentError::Protocol(e.into()))
+    }
+
+    /// Sends bytes to the command's stdin, all of it before any other input.
     pub fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         for c in data.chunks(CHUNK) {
@@ -227,23 +221,20 @@ impl ProcessInput {
         Ok(())
     }
 
+    /// Closes the command's stdin.
     pub fn close_stdin(&self) -> Result<(), AgentError> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *w, kind::EOF, &[]).map_err(|e| AgentError::Protocol(e.into()))
+        self.send(kind::EOF, &[])
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
         let mut p = rows.to_le_bytes().to_vec();
         p.extend_from_slice(&cols.to_le_bytes());
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *w, kind::RESIZE, &p).map_err(|e| AgentError::Protocol(e.into()))
+        self.send(kind::RESIZE, &p)
     }
 
     /// Signals the command's process group.
     pub fn signal(&self, sig: i32) -> Result<(), AgentError> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *w, kind::SIGNAL, &sig.to_le_bytes())
-            .map_err(|e| AgentError::Protocol(e.into()))
+        self.send(kind::SIGNAL, &sig.to_le_bytes())
     }
 }
 
@@ -306,7 +297,9 @@ impl AgentClient {
         Ok(Process {
             pid,
             reader: s,
-            writer: Arc::new(Mutex::new(writer)),
+            input: ProcessInput {
+                writer: Arc::new(Mutex::new(writer)),
+            },
             buf,
             done: false,
         })

@@ -369,12 +369,7 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         loop {
             // The guard must be gone before `boot_failure` locks the child again.
-            let exited = self
-                .child
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .try_wait()
-                .map_err(VmError::Spawn)?;
+            let exited = self.exit_status().map_err(VmError::Spawn)?;
             if let Some(status) = exited {
                 return Err(self.boot_failure(status));
             }
@@ -421,15 +416,17 @@ impl Vm {
         }
     }
 
+    /// The VMM's exit status once it has ended (reaped here).
+    fn exit_status(&self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_wait()
+    }
+
     /// Whether the VMM process is still running.
     pub fn is_running(&self) -> bool {
-        matches!(
-            self.child
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_wait(),
-            Ok(None)
-        )
+        matches!(self.exit_status(), Ok(None))
     }
 
     /// An agent call's result; a failed connection to a VM that has stopped says so.
@@ -440,12 +437,7 @@ impl Vm {
             }
             // The VMM may still be on its way out: give it a moment to be seen gone.
             for _ in 0..10 {
-                let exited = self
-                    .child
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .try_wait();
-                match exited {
+                match self.exit_status() {
                     Ok(Some(status)) => {
                         return VmError::Stopped {
                             status: status.to_string(),
@@ -543,14 +535,7 @@ impl Vm {
         self.agent.shutdown()?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self
-                .child
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .try_wait()
-                .map_err(VmError::Spawn)?
-                .is_some()
-            {
+            if self.exit_status().map_err(VmError::Spawn)?.is_some() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -388,7 +388,6 @@ fn gnu_tar(dir: &Path) -> Result<u64, BenchError> {
     if !st.success() {
         return Err(BenchError::Setup(format!("GNU tar failed: {st}")));
     }
-    io::sink().flush().ok();
     Ok(total)
 }
 

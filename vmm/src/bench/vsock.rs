@@ -48,17 +48,18 @@ pub fn rows(scale: Scale) -> Vec<Row> {
     let mut pps = Vec::new();
     let mk = |name: &str, unit| Row::new(format!("vsock device {name}"), unit, Goal::None);
     for _ in 0..n {
-        let r = host_to_guest(bytes)
-            .and_then(|a| Ok((a, guest_to_host(bytes, TX_DATA)?)))
-            .and_then(|(a, b)| Ok((a, b, guest_to_host(small * 64, 64)?)));
-        match r {
-            Ok(((d, p), (d2, _), (d3, p3))) => {
-                h2g.0.push(mib_per_s(bytes, d));
-                h2g.1.push(p as f64 / d.as_secs_f64());
-                g2h.push(mib_per_s(bytes, d2));
-                pps.push(p3 as f64 / d3.as_secs_f64());
-            }
-            Err(e) => return vec![mk("through its queues", "").absent(e.to_string())],
+        let mut round = || -> Result<(), BenchError> {
+            let (d, p) = host_to_guest(bytes)?;
+            h2g.0.push(mib_per_s(bytes, d));
+            h2g.1.push(p as f64 / d.as_secs_f64());
+            let (d, _) = guest_to_host(bytes, TX_DATA)?;
+            g2h.push(mib_per_s(bytes, d));
+            let (d, p) = guest_to_host(small * 64, 64)?;
+            pps.push(p as f64 / d.as_secs_f64());
+            Ok(())
+        };
+        if let Err(e) = round() {
+            return vec![mk("through its queues", "").absent(e.to_string())];
         }
     }
     vec![
