@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use vmrun::devices::legacy::ConsoleTail;
@@ -34,6 +35,131 @@ pub fn t4_images(test: &str) -> Option<(PathBuf, PathBuf, bool)> {
         }
     }
     Some((kernel, initrd, pvm))
+}
+
+/// How fast this host runs guests, measured once per test process: the budgets of T4 waits
+/// are derived from it instead of being constants that a slower machine or a busy one overruns.
+#[derive(Clone, Debug)]
+pub struct HostPace {
+    /// What kind of KVM the figures come from (for labels).
+    pub kind: &'static str,
+    /// One ring-0 loop iteration in a test guest, in ns (~1 natively, 500–4000 emulated).
+    pub ring0_ns: f64,
+    /// Runnable load per host core over the last minute, at least 1.
+    pub load: f64,
+}
+
+/// Ring-0 speed the PVM budgets below are stated for (a mid-range machine of this kind).
+const PVM_REFERENCE_NS: f64 = 1000.0;
+
+impl HostPace {
+    /// Scale of a PVM budget on this host: the measured ring-0 cost against the reference.
+    fn pvm_scale(&self) -> f64 {
+        (self.ring0_ns / PVM_REFERENCE_NS).clamp(0.5, 4.0)
+    }
+
+    fn emulated(&self) -> bool {
+        self.kind.starts_with("PVM")
+    }
+}
+
+fn load_per_core() -> f64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let one_min = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (one_min / cores).clamp(1.0, 4.0)
+}
+
+/// The host's pace (probed once; the load is read again at each call).
+pub fn host_pace() -> HostPace {
+    static PROBE: OnceLock<Option<f64>> = OnceLock::new();
+    let ring0 = *PROBE.get_or_init(|| vmrun::compat::probe().ok().map(|p| p.ring0_ns_per_iter));
+    let ring0_ns = ring0.unwrap_or(PVM_REFERENCE_NS);
+    let emulated = ring0.is_none_or(|ns| ns > 100.0);
+    HostPace {
+        kind: if emulated {
+            "PVM-emulated ring 0"
+        } else {
+            "hardware-speed ring 0"
+        },
+        ring0_ns,
+        load: load_per_core(),
+    }
+}
+
+/// A time budget for one thing a T4 test waits for. Stated as what the wait should take at
+/// most on hardware-speed KVM and on a PVM host at the reference pace; the PVM figure is
+/// scaled by the measured ring-0 cost, and either by the host's load. An overrun names what
+/// was awaited and how the budget was derived.
+pub struct Budget {
+    what: String,
+    start: Instant,
+    limit: Duration,
+    pace: HostPace,
+}
+
+impl Budget {
+    pub fn new(what: impl Into<String>, hw_secs: u64, pvm_secs: u64) -> Budget {
+        let pace = host_pace();
+        let base = if pace.emulated() {
+            pvm_secs as f64 * pace.pvm_scale()
+        } else {
+            hw_secs as f64
+        };
+        Budget {
+            what: what.into(),
+            start: Instant::now(),
+            limit: Duration::from_secs_f64(base * pace.load),
+            pace,
+        }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.start + self.limit
+    }
+
+    pub fn left(&self) -> Duration {
+        self.deadline().saturating_duration_since(Instant::now())
+    }
+
+    pub fn expired(&self) -> bool {
+        self.left().is_zero()
+    }
+
+    /// What the budget was and where it came from.
+    pub fn explain(&self) -> String {
+        format!(
+            "{:.0}s budget for {} ({}, ring 0 at {:.0} ns/iteration, load {:.1} per core)",
+            self.limit.as_secs_f64(),
+            self.what,
+            self.pace.kind,
+            self.pace.ring0_ns,
+            self.pace.load
+        )
+    }
+
+    /// Fails the test: the wait ran out. `detail` says what was seen meanwhile.
+    pub fn overrun(&self, detail: &str) -> ! {
+        panic!(
+            "waited {:.0}s for {}: over the {}\n{detail}",
+            self.start.elapsed().as_secs_f64(),
+            self.what,
+            self.explain()
+        )
+    }
+
+    /// Fails the test when the budget has run out; `detail` is only computed then.
+    pub fn check(&self, detail: impl FnOnce() -> String) {
+        if self.expired() {
+            self.overrun(&detail());
+        }
+    }
 }
 
 /// Watches the console for marker strings and records when each first appeared.
@@ -99,15 +225,18 @@ pub struct Booted {
 }
 
 /// Boots with `opts` (the `GONDOLIN_ROOT_OVERLAY` value passed as `env`) and waits for the end,
-/// at most `limit`.
-pub fn boot(opts: &vmrun::launch::LaunchOptions, env: Option<&str>, limit: Duration) -> Booted {
+/// within `budget`.
+pub fn boot(opts: &vmrun::launch::LaunchOptions, env: Option<&str>, budget: &Budget) -> Booted {
     use vmrun::builder::{Outcome, Vmm};
     use vmrun::devices::legacy::serial::ConsoleSink;
     let t0 = Instant::now();
     let resolved = vmrun::launch::resolve(opts, env).expect("launch options resolve");
     let vmm = Vmm::start(resolved.into_config(opts, ConsoleSink::None)).expect("VM starts");
-    let reason = vmm.wait(Some(limit));
-    let outcome = Outcome::new(reason, vmm.console(), Some(limit));
+    let reason = vmm.wait(Some(budget.left()));
+    if reason.is_none() {
+        budget.overrun(&format!("console tail:\n{}", vmm.console().last_lines(30)));
+    }
+    let outcome = Outcome::new(reason, vmm.console(), Some(budget.limit()));
     Booted {
         outcome,
         console: vmm.console().text(),

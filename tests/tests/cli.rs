@@ -4,9 +4,9 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vmrun_tests::{t4_images, t4_rootfs};
+use vmrun_tests::{t4_images, t4_rootfs, Budget};
 
 fn vmrun() -> Command {
     let bin =
@@ -16,7 +16,8 @@ fn vmrun() -> Command {
     c
 }
 
-fn run(mut c: Command, stdin: &[u8]) -> (i32, String, String) {
+/// Runs `c` to its end within `budget` (killed and failed past it).
+fn run(mut c: Command, stdin: &[u8], budget: &Budget) -> (i32, String, String) {
     let mut child = c
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -24,7 +25,24 @@ fn run(mut c: Command, stdin: &[u8]) -> (i32, String, String) {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let pid = child.id();
+    let out = std::thread::scope(|s| {
+        let waiter = s.spawn(|| child.wait_with_output().unwrap());
+        while !waiter.is_finished() {
+            if budget.expired() {
+                // SAFETY: signalling the child this function started and has not reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let out = waiter.join().unwrap();
+                budget.overrun(&format!(
+                    "stdout: {}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        waiter.join().unwrap()
+    });
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -51,12 +69,20 @@ fn exec_exit_codes_and_separate_streams() {
                 "-c",
                 "echo out; echo err >&2; cat; exit 7",
             ]);
-            run(c, b"from stdin\n")
+            run(
+                c,
+                b"from stdin\n",
+                &Budget::new("vmrun exec of a shell script", 60, 300),
+            )
         });
         let b = s.spawn(|| {
             let mut c = vmrun();
             c.args(["exec", "--", "/no/such/program"]);
-            run(c, b"")
+            run(
+                c,
+                b"",
+                &Budget::new("vmrun exec of a missing program", 60, 300),
+            )
         });
         let (code, out, err) = a.join().unwrap();
         assert_eq!(
@@ -72,7 +98,7 @@ fn exec_exit_codes_and_separate_streams() {
     // A launcher error (bad option value) is 125 and says why, without booting.
     let mut c = vmrun();
     c.args(["exec", "--overlay-size", "12q", "--", "true"]);
-    let (code, _, err) = run(c, b"");
+    let (code, _, err) = run(c, b"", &Budget::new("a refused option", 10, 10));
     assert_eq!(code, 125);
     assert!(err.contains("--overlay-size 12q"), "{err}");
 }
@@ -89,7 +115,7 @@ fn overlay_toggle_and_flag_precedence() {
         c.args(["exec", "--dry-run", "--rootfs", "/dev/null"])
             .args(flags)
             .args(["--", "true"]);
-        let (code, out, err) = run(c, b"");
+        let (code, out, err) = run(c, b"", &Budget::new("vmrun exec --dry-run", 10, 10));
         let line = out
             .lines()
             .find_map(|l| l.strip_prefix("cmdline: "))
@@ -132,7 +158,11 @@ fn start_shell(session: &str, cmd: &str) {
         "30",
         cmd,
     ]);
-    wait_screen(session, "root@vmrun:~#", Duration::from_secs(420));
+    wait_screen(
+        session,
+        "root@vmrun:~#",
+        &Budget::new("the guest shell's prompt", 60, 240),
+    );
 }
 
 /// The T4 images and tmux (which the terminal tests drive `vmrun bash` through).
@@ -156,19 +186,20 @@ fn tmux(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn wait_screen(session: &str, want: &str, limit: Duration) -> String {
-    let t = Instant::now();
+fn wait_screen(session: &str, want: &str, budget: &Budget) -> String {
     loop {
         let screen = tmux(&["capture-pane", "-p", "-t", session]);
         if screen.contains(want) {
             return screen;
         }
-        assert!(
-            t.elapsed() < limit,
-            "waited for {want:?}; screen:\n{screen}"
-        );
+        budget.check(|| format!("waiting for {want:?}; screen:\n{screen}"));
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// A command typed into the guest shell and its answer on the screen.
+fn answer(what: &str) -> Budget {
+    Budget::new(what, 30, 120)
 }
 
 #[test]
@@ -187,23 +218,28 @@ fn bash_in_a_real_terminal() {
     );
     start_shell(&session, &cmd);
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen(&session, "30 100", Duration::from_secs(240));
+    wait_screen(&session, "30 100", &answer("`stty size` to print 30 100"));
     tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
     std::thread::sleep(Duration::from_secs(1));
     tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen(&session, "40 120", Duration::from_secs(240));
+    wait_screen(
+        &session,
+        "40 120",
+        &answer("`stty size` after the resize to print 40 120"),
+    );
     tmux(&["send-keys", "-t", &session, "sleep 300", "Enter"]);
     std::thread::sleep(Duration::from_secs(3));
     tmux(&["send-keys", "-t", &session, "C-c"]);
     tmux(&["send-keys", "-t", &session, "echo after-interrupt", "Enter"]);
-    wait_screen(&session, "\nafter-interrupt", Duration::from_secs(240));
+    wait_screen(
+        &session,
+        "\nafter-interrupt",
+        &answer("the shell to answer after Ctrl-C"),
+    );
     tmux(&["send-keys", "-t", &session, "exit 3", "Enter"]);
-    let t = Instant::now();
+    let exited = Budget::new("vmrun bash to exit after `exit 3`", 30, 60);
     while !status.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "vmrun bash did not exit"
-        );
+        exited.check(|| tmux(&["capture-pane", "-p", "-t", &session]));
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -256,12 +292,9 @@ fn bash_killed_from_outside_restores_the_terminal() {
     assert_eq!(vmm.len(), 1, "one VMM under vmrun bash: {vmm:?}");
     // SAFETY: signalling a process this test started.
     unsafe { libc::kill(pids[0] as i32, libc::SIGTERM) };
-    let t = Instant::now();
+    let ended = Budget::new("vmrun bash to end after SIGTERM", 30, 120);
     while !stty.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "vmrun bash did not end after SIGTERM"
-        );
+        ended.check(|| tmux(&["capture-pane", "-p", "-t", &session]));
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_millis(300));

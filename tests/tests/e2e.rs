@@ -14,7 +14,7 @@ use vmrun::overlay::OverlayRequest;
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::agent::{Exec, ExitStatus, PORT};
 use vmrun_protocol::status::Status;
-use vmrun_tests::{read_tar, sha256, t4_images, t4_rootfs};
+use vmrun_tests::{read_tar, sha256, t4_images, t4_rootfs, Budget};
 
 fn sh(script: &str) -> Exec {
     Exec {
@@ -58,7 +58,7 @@ fn upload_exec_capture_through_a_real_guest() {
         uds: sock.clone(),
         port: PORT,
     });
-    let deadline = t0 + Duration::from_secs(420);
+    let budget = Budget::new("the guest agent to answer after boot", 60, 240);
     loop {
         if agent.stat("/").is_ok() {
             break;
@@ -68,11 +68,7 @@ fn upload_exec_capture_through_a_real_guest() {
             "VM ended before the agent answered:\n{}",
             vmm.console().last_lines(30)
         );
-        assert!(
-            Instant::now() < deadline,
-            "agent never answered:\n{}",
-            vmm.console().last_lines(30)
-        );
+        budget.check(|| format!("console tail:\n{}", vmm.console().last_lines(30)));
     }
     let ready = t0.elapsed();
 
@@ -168,7 +164,11 @@ fn upload_exec_capture_through_a_real_guest() {
     assert_eq!(std::fs::read(x.join("etc/skel/only")).unwrap(), b"fresh\n");
 
     agent.shutdown().unwrap();
-    let reason = vmm.wait(Some(Duration::from_secs(60)));
+    let off = Budget::new("the VM to power off after the agent's shutdown", 30, 120);
+    let reason = vmm.wait(Some(off.limit()));
+    if reason.is_none() {
+        off.overrun(&vmm.console().last_lines(20));
+    }
     eprintln!(
         "T4 e2e ({label}): boot to agent ready {:.1}s; upload 64 KiB {:.2}s; exec cat round trip {:.2}s; capture {} KiB {:.2}s",
         ready.as_secs_f64(),

@@ -2,17 +2,18 @@
 //! workload run by vmrun-init (`vmrun.exec`). On hosts that emulate guest ring 0 each boot takes
 //! about a minute; timings are printed and labelled.
 
-use std::time::Duration;
-
 use vmrun::builder::EXIT_LAUNCHER;
 use vmrun::compat::Compat;
 use vmrun::launch::{LaunchOptions, Rootfs};
 use vmrun::overlay::OverlayRequest;
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::{InitError, Status};
-use vmrun_tests::{boot, sha256, t4_images, t4_rootfs, Booted};
+use vmrun_tests::{boot, sha256, t4_images, t4_rootfs, Booted, Budget};
 
-const LIMIT: Duration = Duration::from_secs(420);
+/// A boot that runs one shell command and powers off.
+fn limit(what: &str) -> Budget {
+    Budget::new(format!("{what} to boot, run and power off"), 60, 240)
+}
 
 fn opts(rootfs: &std::path::Path, exec: &str) -> LaunchOptions {
     LaunchOptions {
@@ -66,7 +67,7 @@ fn tmpfs_overlay_from_the_env_toggle_keeps_the_lower_pristine() {
     let b = boot(
         &opts(&rootfs, &format!("/bin/sh -c '{script}'")),
         Some("1"),
-        LIMIT,
+        &limit(name),
     );
     report(name, pvm, &b);
     assert_status(&b, 0);
@@ -108,7 +109,7 @@ fn disk_upper_persists_across_two_boots() {
     let b1 = boot(
         &with_disk("/bin/sh -c 'echo from-boot-1 > /persist.txt; rm /etc/issue'"),
         None,
-        LIMIT,
+        &limit("the first disk-upper VM"),
     );
     report("disk upper, boot 1", pvm, &b1);
     assert_status(&b1, 0);
@@ -120,7 +121,7 @@ fn disk_upper_persists_across_two_boots() {
     let b2 = boot(
         &with_disk("/bin/sh -c 'cat /persist.txt; test ! -e /etc/issue'"),
         None,
-        LIMIT,
+        &limit("the second disk-upper VM"),
     );
     report("disk upper, boot 2", pvm, &b2);
     assert_status(&b2, 0);
@@ -135,7 +136,11 @@ fn without_overlay_the_root_is_read_only() {
         return;
     };
     let before = sha256(&rootfs);
-    let b = boot(&opts(&rootfs, "/bin/sh -c 'touch /x'"), Some("0"), LIMIT);
+    let b = boot(
+        &opts(&rootfs, "/bin/sh -c 'touch /x'"),
+        Some("0"),
+        &limit(name),
+    );
     report(name, pvm, &b);
     assert_status(&b, 1);
     assert!(
@@ -160,7 +165,7 @@ fn bad_overlay_size_is_the_init_error_not_a_timeout() {
     // Straight onto the kernel command line, so the host-side check cannot catch it first.
     let mut o = opts(&rootfs, "/bin/true");
     o.cmdline = Some("root.overlay=tmpfs root.overlaysize=12q".into());
-    let b = boot(&o, None, LIMIT);
+    let b = boot(&o, None, &limit(name));
     report(name, pvm, &b);
     assert_eq!(
         b.outcome.reason,

@@ -12,17 +12,14 @@ use vmrun::devices::legacy::serial::ConsoleSink;
 use vmrun::launch::{LaunchOptions, Rootfs};
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::Status;
-use vmrun_tests::t4_images;
+use vmrun_tests::{t4_images, Budget};
 
 /// More than vmrun's and Linux's per-connection buffers (256 KiB each), so credit must flow.
 const BYTES: usize = 768 * 1024;
 
-fn connect(path: &std::path::Path, port: u32, deadline: Instant) -> UnixStream {
+fn connect(path: &std::path::Path, port: u32, budget: &Budget) -> UnixStream {
     loop {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never accepted on vsock port {port}"
-        );
+        budget.check(|| format!("the guest refused every connection to port {port}"));
         if let Ok(mut s) = UnixStream::connect(path) {
             s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
             let mut line = String::new();
@@ -57,7 +54,8 @@ fn host_stream_into_a_listening_guest_moves_data_both_ways() {
     let t0 = Instant::now();
     let resolved = vmrun::launch::resolve(&opts, None).unwrap();
     let vmm = Vmm::start(resolved.into_config(&opts, ConsoleSink::None)).unwrap();
-    let stream = connect(&sock, 1024, t0 + Duration::from_secs(400));
+    let listening = Budget::new("the guest to listen on vsock port 1024", 60, 240);
+    let stream = connect(&sock, 1024, &listening);
     let connected = t0.elapsed();
 
     let data: Vec<u8> = (0..BYTES).map(|i| (i * 7 % 251) as u8).collect();
@@ -70,14 +68,25 @@ fn host_stream_into_a_listening_guest_moves_data_both_ways() {
     let t1 = Instant::now();
     let mut got = Vec::with_capacity(BYTES);
     let mut r = stream;
-    r.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    r.read_to_end(&mut got).unwrap();
+    let echo = Budget::new("768 KiB echoed through the guest", 30, 240);
+    r.set_read_timeout(Some(echo.limit())).unwrap();
+    if let Err(e) = r.read_to_end(&mut got) {
+        echo.overrun(&format!(
+            "{e} after {} of {BYTES} bytes; console tail:\n{}",
+            got.len(),
+            vmm.console().last_lines(20)
+        ));
+    }
     let moved = t1.elapsed();
     writer.join().unwrap();
     assert_eq!(got.len(), expect.len());
     assert!(got == expect, "echoed bytes differ");
 
-    let reason = vmm.wait(Some(Duration::from_secs(120)));
+    let off = Budget::new("the echo guest to power off", 30, 120);
+    let reason = vmm.wait(Some(off.limit()));
+    if reason.is_none() {
+        off.overrun(&vmm.console().last_lines(20));
+    }
     let m = vmm.vsock_metrics().unwrap();
     eprintln!(
         "T4 vsock ({}): guest listening after {:.1}s; {} KiB echoed in {:.1}s; rx {} tx {} packets, bad {}",
