@@ -14,31 +14,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use tar::{Builder, EntryType, Header};
-use vmrun_protocol::agent::{kind, write_frame, ErrorInfo, CHUNK};
+use vmrun_protocol::agent::{DataWriter, ErrorInfo, CHUNK};
 
-use crate::server::send_error;
-use crate::Config;
-
-/// Turns writes into DATA frames. It sits under a `BufWriter` of one frame's size, so it sees
-/// frame-sized slices, and `io::copy` (which the tar builder uses for file data) reads files
-/// straight into that buffer: one copy from the file, one into the socket.
-struct FrameWriter<'a> {
-    s: &'a mut UnixStream,
-}
-
-impl Write for FrameWriter<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(CHUNK);
-        if n > 0 {
-            write_frame(self.s, kind::DATA, &data[..n])?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use crate::config::Config;
 
 /// Exactly `left` bytes: the file's, then zeros if it shrank meanwhile.
 struct Sized<R> {
@@ -103,13 +81,12 @@ fn header_for(m: &fs::Metadata, ty: EntryType, size: u64) -> Header {
     h
 }
 
-struct Walk<'a, W: Write> {
+struct Walk<W: Write> {
     tar: Builder<W>,
-    root: &'a Path,
     links: HashMap<(u64, u64), PathBuf>,
 }
 
-impl<W: Write> Walk<'_, W> {
+impl<W: Write> Walk<W> {
     fn entry(&mut self, path: &Path, rel: &Path) -> io::Result<()> {
         let m = match fs::symlink_metadata(path) {
             Ok(m) => m,
@@ -184,40 +161,36 @@ impl<W: Write> Walk<'_, W> {
             self.tar.append_data(&mut h, &name, io::empty())?;
         }
         // Sockets are not archivable; they are skipped.
-        let _ = self.root;
         Ok(())
     }
 }
 
-pub fn run(s: &mut UnixStream, cfg: &Config) {
-    let upper = match cfg.resolve(&cfg.upper.to_string_lossy()) {
-        Ok(p) => p,
-        Err(e) => return send_error(s, &e),
-    };
+/// `sync`, then the upper layer as a tar in `DATA`… `EOF`.
+pub fn run(s: &mut UnixStream, cfg: &Config) -> Result<(), ErrorInfo> {
+    let upper = cfg.resolve(&cfg.upper.to_string_lossy())?;
     if let Err(e) = fs::symlink_metadata(&upper) {
         let mut info = ErrorInfo::io(&format!("capture {}", cfg.upper.display()), &e);
         if e.kind() == io::ErrorKind::NotFound {
             info.message = format!("no overlay upper layer at {}: boot the VM with an overlay root to capture its writes", cfg.upper.display());
         }
-        return send_error(s, &info);
+        return Err(info);
     }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
-    let result = (|| -> io::Result<()> {
-        let w = io::BufWriter::with_capacity(CHUNK, FrameWriter { s });
-        let mut walk = Walk {
-            tar: Builder::new(w),
-            root: &upper,
-            links: HashMap::new(),
-        };
-        walk.tar.mode(tar::HeaderMode::Complete);
-        walk.tar.follow_symlinks(false);
-        walk.entry(&upper, Path::new(""))?;
-        let w = walk.tar.into_inner()?;
-        let w = w.into_inner().map_err(|e| e.into_error())?;
-        write_frame(w.s, kind::EOF, &[])
-    })();
-    if let Err(e) = result {
-        send_error(s, &ErrorInfo::io("capture", &e));
-    }
+    // The frame writer sits under a `BufWriter` of one frame's size, so it sees frame-sized
+    // slices, and `io::copy` (which the tar builder uses for file data) reads files straight
+    // into that buffer: one copy from the file, one into the socket.
+    let w = io::BufWriter::with_capacity(CHUNK, DataWriter::new(s));
+    let mut walk = Walk {
+        tar: Builder::new(w),
+        links: HashMap::new(),
+    };
+    walk.tar.mode(tar::HeaderMode::Complete);
+    walk.tar.follow_symlinks(false);
+    let stream = |e: io::Error| ErrorInfo::io("capture", &e);
+    walk.entry(&upper, Path::new("")).map_err(stream)?;
+    let w = walk.tar.into_inner().map_err(stream)?;
+    let w = w.into_inner().map_err(|e| stream(e.into_error()))?;
+    w.finish().map_err(stream)?;
+    Ok(())
 }

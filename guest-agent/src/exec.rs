@@ -18,8 +18,8 @@ use vmrun_protocol::agent::{
     kind, read_frame, write_frame, ErrorInfo, ErrorKind, Exec, ExitStatus,
 };
 
-use crate::server::{resource_error, send_error};
-use crate::Config;
+use crate::config::Config;
+use crate::error::resource_error;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const READ_CHUNK: usize = 64 << 10;
@@ -263,17 +263,15 @@ fn set_up_child(
     }
 }
 
-/// Runs the request to its end on this connection.
-pub fn run(s: &mut UnixStream, cfg: &Config, x: Exec) {
-    let running = match spawn(cfg, &x) {
-        Ok(r) => r,
-        Err(e) => return send_error(s, &e),
-    };
+/// Runs the request to its end on this connection: `STARTED`, the output, `EXIT`. An error
+/// is one the command could not start with (or its supervision), for the server to send.
+pub fn run(s: &mut UnixStream, cfg: &Config, x: Exec) -> Result<(), ErrorInfo> {
+    let running = spawn(cfg, &x)?;
     if write_frame(s, kind::STARTED, &(running.pid as u32).to_le_bytes()).is_err() {
         // SAFETY: killing the process group we created.
         unsafe { libc::kill(-running.pid, libc::SIGKILL) };
     }
-    supervise(s, running, x.timeout_ms.map(Duration::from_millis));
+    supervise(s, running, x.timeout_ms.map(Duration::from_millis))
 }
 
 /// The agent shields itself from the OOM killer (see `main`); the commands it runs must not
@@ -317,7 +315,7 @@ fn pump(f: &mut File, frame: u8, out: &Mutex<UnixStream>, buf: &mut [u8]) -> io:
     }
 }
 
-fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
+fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) -> Result<(), ErrorInfo> {
     let Running {
         pid,
         pidfd,
@@ -329,7 +327,11 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
     let (Ok(reader), Ok(writer)) = (s.try_clone(), s.try_clone()) else {
         // SAFETY: killing the process group we created.
         unsafe { libc::kill(-pid, libc::SIGKILL) };
-        return;
+        let _ = reap(pid, false);
+        return Err(resource_error(
+            "duplicate the connection",
+            &io::Error::last_os_error(),
+        ));
     };
     let writer = Arc::new(Mutex::new(writer));
     let finished = Arc::new(AtomicBool::new(false));
@@ -347,8 +349,7 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
             // SAFETY: killing the process group we created.
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             let _ = reap(pid, false);
-            send_error(s, &resource_error("start the command's input thread", &e));
-            return;
+            return Err(resource_error("start the command's input thread", &e));
         }
     };
 
@@ -443,6 +444,7 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) {
     }
     let _ = s.shutdown(std::net::Shutdown::Both);
     let _ = input.join();
+    Ok(())
 }
 
 /// The client connection failed mid-command: said on the console, since nobody else hears it.

@@ -1,5 +1,6 @@
 //! File operations: upload (streamed into a temporary name, then renamed), download (streamed),
-//! stat, list, mkdir, remove. Errors come back as ERROR frames naming the path and the OS error.
+//! stat, list, mkdir, remove. Each returns its error (naming the path and the OS error) for the
+//! server to send.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -9,19 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmrun_protocol::agent::{
-    kind, read_frame, write_frame, ErrorInfo, ErrorKind, FileKind, Reply, StatInfo, Upload, CHUNK,
+    kind, write_frame, DataReader, DataWriter, ErrorInfo, ErrorKind, FileKind, ProtoError, Reply,
+    StatInfo, Upload, CHUNK,
 };
 
-use crate::server::send_error;
-use crate::Config;
-
-fn err(kind: ErrorKind, errno: i32, message: String) -> ErrorInfo {
-    ErrorInfo {
-        kind,
-        errno,
-        message,
-    }
-}
+use crate::config::Config;
+use crate::error::{connection, err};
 
 fn stat_info(m: &fs::Metadata) -> StatInfo {
     let ft = m.file_type();
@@ -65,13 +59,9 @@ fn temp_name(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.vmrun-upload.{}.{n}", std::process::id()))
 }
 
-pub fn upload(s: &mut UnixStream, cfg: &Config, u: &Upload, buf: &mut Vec<u8>) {
-    if let Err(e) = upload_inner(s, cfg, u, buf) {
-        send_error(s, &e);
-    }
-}
-
-fn upload_inner(
+/// `OK`, the client's `DATA`… `EOF` into a temporary file, then the rename and `OK` with the
+/// byte count.
+pub fn upload(
     s: &mut UnixStream,
     cfg: &Config,
     u: &Upload,
@@ -115,25 +105,26 @@ fn upload_inner(
         .mode(u.mode & 0o7777)
         .open(&tmp)
         .map_err(|e| ErrorInfo::io(&format!("upload {}: create", u.path), &e))?;
-    write_frame(s, kind::OK, &[]).map_err(|e| ErrorInfo::io("upload: connection", &e))?;
+    write_frame(s, kind::OK, &[]).map_err(|e| connection("upload", &e))?;
     let mut total: u64 = 0;
+    let mut data = DataReader::new(&mut *s, buf);
     loop {
-        match read_frame(s, buf) {
-            Ok(Some(kind::DATA)) => {
-                file.write_all(buf)
+        match data.next_chunk() {
+            Ok(Some(chunk)) => {
+                file.write_all(chunk)
                     .map_err(|e| ErrorInfo::io(&format!("upload {}: write", u.path), &e))?;
-                total += buf.len() as u64;
+                total += chunk.len() as u64;
             }
-            Ok(Some(kind::EOF)) => break,
-            Ok(Some(k)) => {
+            Ok(None) => break,
+            Err(ProtoError::Unexpected { got, .. }) => {
                 return Err(err(
                     ErrorKind::Protocol,
                     0,
-                    format!("upload: unexpected frame kind {k}"),
+                    format!("upload: unexpected frame kind {got}"),
                 ))
             }
             // The client went away: the guard removes the partial file.
-            Ok(None) | Err(_) => {
+            Err(_) => {
                 return Err(err(
                     ErrorKind::Protocol,
                     0,
@@ -158,129 +149,97 @@ fn upload_inner(
             let _ = d.sync_all();
         }
     }
-    write_frame(s, kind::OK, &total.to_le_bytes())
-        .map_err(|e| ErrorInfo::io("upload: connection", &e))
+    write_frame(s, kind::OK, &total.to_le_bytes()).map_err(|e| connection("upload", &e))
 }
 
-pub fn download(s: &mut UnixStream, cfg: &Config, path: &str) {
-    let r = (|| -> Result<(), ErrorInfo> {
-        let p = cfg.resolve(path)?;
-        let mut f = File::open(&p).map_err(|e| ErrorInfo::io(&format!("download {path}"), &e))?;
-        let m = f
-            .metadata()
-            .map_err(|e| ErrorInfo::io(&format!("download {path}"), &e))?;
-        if m.is_dir() {
-            return Err(err(
-                ErrorKind::IsADirectory,
-                libc::EISDIR,
-                format!("download {path}: is a directory"),
-            ));
-        }
-        write_frame(
-            s,
-            kind::REPLY,
-            &Reply::File {
-                size: m.len(),
-                mode: m.mode(),
-            }
-            .encode(),
-        )
-        .map_err(|e| ErrorInfo::io("download: connection", &e))?;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ErrorInfo::io(&format!("download {path}: read"), &e)),
-            };
-            write_frame(s, kind::DATA, &buf[..n])
-                .map_err(|e| ErrorInfo::io("download: connection", &e))?;
-        }
-        write_frame(s, kind::EOF, &[]).map_err(|e| ErrorInfo::io("download: connection", &e))
-    })();
-    if let Err(e) = r {
-        send_error(s, &e);
+/// `REPLY` (size, mode), then the file as `DATA`… `EOF`.
+pub fn download(s: &mut UnixStream, cfg: &Config, path: &str) -> Result<(), ErrorInfo> {
+    let p = cfg.resolve(path)?;
+    let mut f = File::open(&p).map_err(|e| ErrorInfo::io(&format!("download {path}"), &e))?;
+    let m = f
+        .metadata()
+        .map_err(|e| ErrorInfo::io(&format!("download {path}"), &e))?;
+    if m.is_dir() {
+        return Err(err(
+            ErrorKind::IsADirectory,
+            libc::EISDIR,
+            format!("download {path}: is a directory"),
+        ));
     }
-}
-
-fn reply(s: &mut UnixStream, r: Result<Option<Reply>, ErrorInfo>) {
-    match r {
-        Ok(Some(rep)) => {
-            let _ = write_frame(s, kind::REPLY, &rep.encode());
-        }
-        Ok(None) => {
-            let _ = write_frame(s, kind::OK, &[]);
-        }
-        Err(e) => send_error(s, &e),
+    let head = Reply::File {
+        size: m.len(),
+        mode: m.mode(),
+    };
+    write_frame(s, kind::REPLY, &head.encode()).map_err(|e| connection("download", &e))?;
+    let mut out = DataWriter::new(&mut *s);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ErrorInfo::io(&format!("download {path}: read"), &e)),
+        };
+        out.write_all(&buf[..n])
+            .map_err(|e| connection("download", &e))?;
     }
+    out.finish().map_err(|e| connection("download", &e))?;
+    Ok(())
 }
 
-pub fn stat(s: &mut UnixStream, cfg: &Config, path: &str) {
-    let r = cfg.resolve(path).and_then(|p| {
-        fs::symlink_metadata(&p)
-            .map(|m| Some(Reply::Stat(stat_info(&m))))
-            .map_err(|e| ErrorInfo::io(&format!("stat {path}"), &e))
-    });
-    reply(s, r);
+pub fn stat(cfg: &Config, path: &str) -> Result<Reply, ErrorInfo> {
+    let p = cfg.resolve(path)?;
+    fs::symlink_metadata(&p)
+        .map(|m| Reply::Stat(stat_info(&m)))
+        .map_err(|e| ErrorInfo::io(&format!("stat {path}"), &e))
 }
 
 /// Most entries one listing returns (the reply must fit in a frame).
 const LIST_MAX: usize = 10_000;
 
-pub fn list(s: &mut UnixStream, cfg: &Config, path: &str) {
-    let r = (|| -> Result<Option<Reply>, ErrorInfo> {
-        let p = cfg.resolve(path)?;
-        let ctx = format!("list {path}");
-        let mut v = Vec::new();
-        for e in fs::read_dir(&p).map_err(|e| ErrorInfo::io(&ctx, &e))? {
-            let e = e.map_err(|e| ErrorInfo::io(&ctx, &e))?;
-            let m = match e.path().symlink_metadata() {
-                Ok(m) => m,
-                Err(_) => continue, // removed meanwhile
-            };
-            v.push((e.file_name().to_string_lossy().into_owned(), stat_info(&m)));
-            if v.len() > LIST_MAX {
-                return Err(err(
-                    ErrorKind::InvalidInput,
-                    0,
-                    format!("{ctx}: more than {LIST_MAX} entries; capture or download instead"),
-                ));
-            }
-        }
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(Some(Reply::List(v)))
-    })();
-    reply(s, r);
-}
-
-pub fn mkdir(s: &mut UnixStream, cfg: &Config, path: &str, mode: u32, parents: bool) {
-    let r = cfg.resolve(path).and_then(|p| {
-        let mut b = fs::DirBuilder::new();
-        b.recursive(parents);
-        std::os::unix::fs::DirBuilderExt::mode(&mut b, mode & 0o7777);
-        b.create(&p)
-            .map(|_| None)
-            .map_err(|e| ErrorInfo::io(&format!("mkdir {path}"), &e))
-    });
-    reply(s, r);
-}
-
-pub fn remove(s: &mut UnixStream, cfg: &Config, path: &str, recursive: bool) {
-    let r = cfg.resolve(path).and_then(|p| {
-        let m =
-            fs::symlink_metadata(&p).map_err(|e| ErrorInfo::io(&format!("remove {path}"), &e))?;
-        let res = if m.is_dir() {
-            if recursive {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_dir(&p)
-            }
-        } else {
-            fs::remove_file(&p)
+pub fn list(cfg: &Config, path: &str) -> Result<Reply, ErrorInfo> {
+    let p = cfg.resolve(path)?;
+    let ctx = format!("list {path}");
+    let mut v = Vec::new();
+    for e in fs::read_dir(&p).map_err(|e| ErrorInfo::io(&ctx, &e))? {
+        let e = e.map_err(|e| ErrorInfo::io(&ctx, &e))?;
+        let m = match e.path().symlink_metadata() {
+            Ok(m) => m,
+            Err(_) => continue, // removed meanwhile
         };
-        res.map(|_| None)
-            .map_err(|e| ErrorInfo::io(&format!("remove {path}"), &e))
-    });
-    reply(s, r);
+        v.push((e.file_name().to_string_lossy().into_owned(), stat_info(&m)));
+        if v.len() > LIST_MAX {
+            return Err(err(
+                ErrorKind::InvalidInput,
+                0,
+                format!("{ctx}: more than {LIST_MAX} entries; capture or download instead"),
+            ));
+        }
+    }
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Reply::List(v))
+}
+
+pub fn mkdir(cfg: &Config, path: &str, mode: u32, parents: bool) -> Result<(), ErrorInfo> {
+    let p = cfg.resolve(path)?;
+    let mut b = fs::DirBuilder::new();
+    b.recursive(parents);
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, mode & 0o7777);
+    b.create(&p)
+        .map_err(|e| ErrorInfo::io(&format!("mkdir {path}"), &e))
+}
+
+pub fn remove(cfg: &Config, path: &str, recursive: bool) -> Result<(), ErrorInfo> {
+    let p = cfg.resolve(path)?;
+    let m = fs::symlink_metadata(&p).map_err(|e| ErrorInfo::io(&format!("remove {path}"), &e))?;
+    let res = if m.is_dir() {
+        if recursive {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_dir(&p)
+        }
+    } else {
+        fs::remove_file(&p)
+    };
+    res.map_err(|e| ErrorInfo::io(&format!("remove {path}"), &e))
 }

@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vmrun_protocol::agent::{
-    kind, read_frame, write_frame, ErrorInfo, ErrorKind, ProtoError, Request, VERSION,
+    kind, read_frame, write_frame, ErrorInfo, ErrorKind, ProtoError, Reply, Request, VERSION,
 };
 
-use crate::{capture, exec, files, Config};
+use crate::config::Config;
+use crate::error::resource_error;
+use crate::{capture, exec, files};
 
 /// Where connections come from.
 pub enum Listener {
@@ -69,13 +71,13 @@ impl Listener {
     }
 }
 
-/// Sends an ERROR frame (best effort: the peer may be gone).
-pub fn send_error(s: &mut UnixStream, e: &ErrorInfo) {
+/// Sends an ERROR frame (best effort: the peer may be gone). The only writer of ERROR frames.
+fn send_error(s: &mut UnixStream, e: &ErrorInfo) {
     let _ = write_frame(s, kind::ERROR, &e.encode());
 }
 
 fn proto_error(e: &ProtoError) -> ErrorInfo {
-    let kind = if matches!(e, ProtoError::Version(_)) {
+    let kind = if matches!(e, ProtoError::Version { .. }) {
         ErrorKind::Version
     } else {
         ErrorKind::Protocol
@@ -152,15 +154,6 @@ fn transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-/// The agent could not get a thread, fd or memory for a request.
-pub fn resource_error(what: &str, e: &io::Error) -> ErrorInfo {
-    ErrorInfo {
-        kind: ErrorKind::Io,
-        errno: e.raw_os_error().unwrap_or(0),
-        message: format!("the agent cannot {what}: {e} (the guest is short of memory or processes; give the VM more --memory)"),
-    }
-}
-
 /// Runs one connection; true when it was a shutdown request.
 pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
     let mut buf = Vec::new();
@@ -172,18 +165,20 @@ pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
             return false;
         }
     };
-    match req {
+    let result = match req {
         Request::Exec(x) => exec::run(s, cfg, x),
         Request::Upload(u) => files::upload(s, cfg, &u, &mut buf),
         Request::Download { path } => files::download(s, cfg, &path),
-        Request::Stat { path } => files::stat(s, cfg, &path),
-        Request::List { path } => files::list(s, cfg, &path),
+        Request::Stat { path } => files::stat(cfg, &path).and_then(|r| reply(s, Some(r))),
+        Request::List { path } => files::list(cfg, &path).and_then(|r| reply(s, Some(r))),
         Request::Mkdir {
             path,
             mode,
             parents,
-        } => files::mkdir(s, cfg, &path, mode, parents),
-        Request::Remove { path, recursive } => files::remove(s, cfg, &path, recursive),
+        } => files::mkdir(cfg, &path, mode, parents).and_then(|()| reply(s, None)),
+        Request::Remove { path, recursive } => {
+            files::remove(cfg, &path, recursive).and_then(|()| reply(s, None))
+        }
         Request::Capture => capture::run(s, cfg),
         Request::Shutdown => {
             // SAFETY: sync has no preconditions.
@@ -195,8 +190,20 @@ pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
             }
             return true;
         }
+    };
+    if let Err(e) = result {
+        send_error(s, &e);
     }
     false
+}
+
+/// `REPLY` with `r`, or `OK` when there is nothing to say.
+fn reply(s: &mut UnixStream, r: Option<Reply>) -> Result<(), ErrorInfo> {
+    let sent = match r {
+        Some(r) => write_frame(s, kind::REPLY, &r.encode()),
+        None => write_frame(s, kind::OK, &[]),
+    };
+    sent.map_err(|e| crate::error::connection("reply", &e))
 }
 
 /// HELLO/HELLO_OK, then the request.
@@ -215,7 +222,10 @@ fn handshake(s: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Option<Request>, P
         .map(u32::from_le_bytes)
         .map_err(|_| ProtoError::Invalid("HELLO payload".into()))?;
     if v != VERSION {
-        return Err(ProtoError::Version(v));
+        return Err(ProtoError::Version {
+            got: v,
+            ours: VERSION,
+        });
     }
     write_frame(s, kind::HELLO_OK, &VERSION.to_le_bytes())?;
     match read_frame(s, buf)? {

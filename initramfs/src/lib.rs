@@ -10,6 +10,7 @@ pub mod report;
 
 use std::fmt;
 
+use vmrun_protocol::cmdline::console::INIT_ERROR;
 use vmrun_protocol::status::InitError;
 
 /// A failure of the init: what it was doing, why it failed, and its class for the host.
@@ -32,7 +33,7 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "vmrun-init: error: {}: {}", self.what, self.why)
+        write!(f, "{INIT_ERROR} {}: {}", self.what, self.why)
     }
 }
 

@@ -12,6 +12,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use vmrun_init::cmdline::{self, NO_ROOT};
 use vmrun_init::{mount_kernel_filesystems, plan, report, uptime, Failure};
+use vmrun_protocol::cmdline::console::{AGENT_STARTED, DIRECT_ROOT, INIT_READY, OVERLAY_ROOT};
 use vmrun_protocol::status::{InitError, Status};
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -52,22 +53,21 @@ fn run() -> Result<Status, Failure> {
     if cfg.root != NO_ROOT {
         let root = plan::build_root(&cfg, Path::new("/"))?;
         plan::switch_root(&root.path)?;
-        let mode = match &root.upper_fstype {
-            Some(t) => format!(
-                "overlay root: {} lower ({}), {t} upper",
+        match &root.upper_fstype {
+            Some(t) => println!(
+                "{OVERLAY_ROOT} {} lower ({}), {t} upper",
                 cfg.root, root.lower_fstype
             ),
-            None => format!(
-                "root: {} ({}, {})",
+            None => println!(
+                "{DIRECT_ROOT} {} ({}, {})",
                 cfg.root,
                 root.lower_fstype,
                 if cfg.rw { "rw" } else { "ro" }
             ),
-        };
-        println!("vmrun-init: {mode}");
+        }
     }
     println!(
-        "vmrun-init: ready after {:.2}s of guest uptime",
+        "{INIT_READY} after {:.2}s of guest uptime",
         uptime().unwrap_or(-1.0)
     );
     match (&cfg.exec, agent) {
@@ -118,7 +118,7 @@ fn run_agent(agent: File) -> Result<Status, Failure> {
         }
     }
     drop(agent);
-    println!("vmrun-init: agent started");
+    println!("{AGENT_STARTED}");
     wait_for(Pid::from_raw(pid))
 }
 

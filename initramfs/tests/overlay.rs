@@ -6,73 +6,27 @@
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
 use vmrun_init::cmdline::parse;
 use vmrun_init::plan::{build_root, LOWER_IN_ROOT, UPPERFS_IN_ROOT};
 use vmrun_init::{mount_kernel_filesystems, Failure};
 use vmrun_protocol::status::InitError;
+use vmrun_tests::host::{has_tool, in_private_ns, is_root, run, sha256, t2_can_run, xattr, Loop};
 
 fn can_run(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = is_root();
     let overlay = fs::read_to_string("/proc/filesystems")
         .unwrap_or_default()
         .contains("overlay");
-    let tools = ["losetup", "mkfs.ext4", "mkfs.erofs"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if root && overlay && tools {
-        return true;
-    }
-    let why = format!(
-        "needs root ({root}), overlayfs ({overlay}), losetup/mkfs.ext4/mkfs.erofs ({tools})"
-    );
-    assert!(
-        std::env::var_os("VMRUN_REQUIRE_T2").is_none(),
-        "{test}: T2 required but {why}"
-    );
-    eprintln!("SKIPPED {test}: {why}");
-    false
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A loop device, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn attach(img: &Path, read_only: bool) -> Loop {
-        let mut args = vec!["--find", "--show"];
-        if read_only {
-            args.push("--read-only");
-        }
-        let p = img.to_str().unwrap();
-        args.push(p);
-        Loop(run("losetup", &args))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
+    let tools = ["losetup", "mkfs.ext4", "mkfs.erofs"]
+        .iter()
+        .all(|t| has_tool(t));
+    t2_can_run(test, root && overlay && tools, || {
+        format!(
+            "needs root ({root}), overlayfs ({overlay}), losetup/mkfs.ext4/mkfs.erofs ({tools})"
+        )
+    })
 }
 
 /// The base image's tree: a few files, a directory to replace, and the mountpoints the real
@@ -133,47 +87,11 @@ fn blank_ext4(work: &Path, name: &str, size: &str) -> PathBuf {
     img
 }
 
-fn sha256(p: &Path) -> String {
-    run("sha256sum", &[p.to_str().unwrap()])
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// Runs `f` on a thread of its own in a private mount namespace; the namespace and all its
-/// mounts go away when the thread ends.
-fn in_private_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        unshare(CloneFlags::CLONE_NEWNS).expect("unshare mount namespace");
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .expect("make / private");
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 fn boot(cmdline: String, base: PathBuf) -> Result<PathBuf, Failure> {
     let cfg = parse(&cmdline)?;
     mount_kernel_filesystems(&base)?;
     let root = build_root(&cfg, &base)?;
     Ok(root.path)
-}
-
-fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = [0u8; 64];
-    // SAFETY: valid NUL-terminated strings and a buffer of the size passed.
-    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    (r >= 0).then(|| buf[..r as usize].to_vec())
 }
 
 /// The workload's writes (new file, modified file, delete, directory replaced) and what they

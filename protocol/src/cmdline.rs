@@ -7,6 +7,28 @@ pub const ROOT_OVERLAY_FSTYPE: &str = "root.overlayfstype";
 pub const EXEC: &str = "vmrun.exec";
 pub const WAIT: &str = "vmrun.wait";
 
+/// What the guest prints on its console that the host watches for: the boot phases the host
+/// can report, and the lines that explain a failure. The init prints them; the VMM and the
+/// library look for them.
+pub mod console {
+    /// The kernel is running (its first line).
+    pub const KERNEL_STARTED: &str = "Linux version";
+    /// The kernel starts the initramfs's init.
+    pub const INIT_STARTED: &str = "Run /init";
+    /// vmrun-init mounted an overlay root (`<OVERLAY_ROOT> /dev/vda lower (ext4), tmpfs upper`).
+    pub const OVERLAY_ROOT: &str = "vmrun-init: overlay root:";
+    /// vmrun-init mounted the root directly.
+    pub const DIRECT_ROOT: &str = "vmrun-init: root:";
+    /// The root is ready and the workload or agent starts next.
+    pub const INIT_READY: &str = "vmrun-init: ready";
+    /// The agent process was started.
+    pub const AGENT_STARTED: &str = "vmrun-init: agent started";
+    /// vmrun-init failed; the rest of the line says what and why.
+    pub const INIT_ERROR: &str = "vmrun-init: error:";
+    /// The guest kernel panicked.
+    pub const KERNEL_PANIC: &str = "Kernel panic";
+}
+
 /// A tmpfs size: a positive number with an optional k/m/g suffix (any case), or a percentage of
 /// RAM up to 100%.
 pub fn validate_size(value: &str) -> Result<(), String> {

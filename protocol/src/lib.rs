@@ -4,5 +4,4 @@
 
 pub mod agent;
 pub mod cmdline;
-pub mod codec;
 pub mod status;

@@ -1,5 +1,9 @@
-//! Helpers shared by the end-to-end tests: finding the images, skipping honestly, timing the
-//! stages of a boot from what the console shows, and reading captured tars.
+//! Helpers shared by every test suite of the workspace: finding the images, skipping honestly,
+//! time budgets derived from the host, timing the stages of a boot from what the console
+//! shows, booting a VM to its end, and reading captured tars; `host` has the host-side tools
+//! (loop devices, private mount namespaces, checksums, GNU tar).
+
+pub mod host;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -7,7 +11,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use vmrun::devices::legacy::ConsoleTail;
+use vmrun::devices::legacy::serial::ConsoleTail;
+use vmrun::launch::images;
 
 /// The kernel and initramfs for this host, or why they cannot be used. With VMRUN_REQUIRE_T4=1
 /// (CI) a missing piece is a failure instead of a skip.
@@ -20,12 +25,12 @@ pub fn t4_images(test: &str) -> Option<(PathBuf, PathBuf, bool)> {
         eprintln!("SKIPPED {test}: {why}");
         None
     };
-    let pvm = match vmrun::compat::ring0_emulated() {
+    let pvm = match vmrun::host::compat::ring0_emulated() {
         Ok(p) => p,
         Err(e) => return skip(format!("no usable KVM ({e})")),
     };
-    let kernel = vmrun::images::default_kernel(pvm);
-    let initrd = vmrun::images::default_initramfs();
+    let kernel = images::default_kernel(pvm);
+    let initrd = images::default_initramfs();
     for p in [&kernel, &initrd] {
         if !p.exists() {
             return skip(format!(
@@ -75,7 +80,11 @@ fn load_per_core() -> f64 {
 /// The host's pace (probed once; the load is read again at each call).
 pub fn host_pace() -> HostPace {
     static PROBE: OnceLock<Option<f64>> = OnceLock::new();
-    let ring0 = *PROBE.get_or_init(|| vmrun::compat::probe().ok().map(|p| p.ring0_ns_per_iter));
+    let ring0 = *PROBE.get_or_init(|| {
+        vmrun::host::compat::probe()
+            .ok()
+            .map(|p| p.ring0_ns_per_iter)
+    });
     let ring0_ns = ring0.unwrap_or(PVM_REFERENCE_NS);
     let emulated = ring0.is_none_or(|ns| ns > 100.0);
     HostPace {
@@ -199,9 +208,7 @@ impl StageClock {
 
 /// The built ext4 rootfs, or a skip (a failure with VMRUN_REQUIRE_T4=1).
 pub fn t4_rootfs(test: &str) -> Option<PathBuf> {
-    let p = std::env::var_os("VMRUN_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| vmrun::images::cache_dir().join(vmrun::images::ROOTFS_EXT4));
+    let p = images::default_rootfs();
     if p.exists() {
         return Some(p);
     }
@@ -219,16 +226,17 @@ pub fn t4_rootfs(test: &str) -> Option<PathBuf> {
 
 /// How a boot went: its outcome, the console text and how long it took.
 pub struct Booted {
-    pub outcome: vmrun::builder::Outcome,
+    pub outcome: vmrun::outcome::Outcome,
     pub console: String,
     pub secs: f64,
 }
 
 /// Boots with `opts` (the `GONDOLIN_ROOT_OVERLAY` value passed as `env`) and waits for the end,
 /// within `budget`.
-pub fn boot(opts: &vmrun::launch::LaunchOptions, env: Option<&str>, budget: &Budget) -> Booted {
-    use vmrun::builder::{Outcome, Vmm};
+pub fn boot(opts: &vmrun::launch::VmOptions, env: Option<&str>, budget: &Budget) -> Booted {
+    use vmrun::builder::Vmm;
     use vmrun::devices::legacy::serial::ConsoleSink;
+    use vmrun::outcome::Outcome;
     let t0 = Instant::now();
     let resolved = vmrun::launch::resolve(opts, env).expect("launch options resolve");
     let vmm = Vmm::start(resolved.into_config(opts, ConsoleSink::None)).expect("VM starts");
@@ -242,19 +250,6 @@ pub fn boot(opts: &vmrun::launch::LaunchOptions, env: Option<&str>, budget: &Bud
         console: vmm.console().text(),
         secs: t0.elapsed().as_secs_f64(),
     }
-}
-
-/// sha256 of a file, via the system tool.
-pub fn sha256(p: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(p)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// One entry of a captured tar, as the tests look at it.

@@ -10,34 +10,24 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::mount::{mount, MsFlags};
-use nix::sched::{unshare, CloneFlags};
 use vmrun::api::agent::{is_no_space, AgentClient, Endpoint, Event};
 use vmrun_agent::server::{serve, Listener};
 use vmrun_protocol::agent::{
     kind, read_frame, write_frame, ErrorKind, Exec, ExitStatus, FileKind, MAX_FRAME,
 };
+use vmrun_tests::host::{gnu_tar_extract, in_private_ns, is_root, t2_can_run, xattr, Loop};
 use vmrun_tests::read_tar;
 
 fn rootfs(test: &str) -> Option<PathBuf> {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let img = std::env::var_os("VMRUN_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| vmrun::images::cache_dir().join(vmrun::images::ROOTFS_EXT4));
-    if root && img.exists() {
-        return Some(img);
-    }
-    let why = format!(
-        "needs root ({root}) and the rootfs image {} (`vmrun images build rootfs`)",
-        img.display()
-    );
-    assert!(
-        std::env::var_os("VMRUN_REQUIRE_T2").is_none(),
-        "{test}: T2 required but {why}"
-    );
-    eprintln!("SKIPPED {test}: {why}");
-    None
+    let root = is_root();
+    let img = vmrun::launch::images::default_rootfs();
+    t2_can_run(test, root && img.exists(), || {
+        format!(
+            "needs root ({root}) and the rootfs image {} (`vmrun images build rootfs`)",
+            img.display()
+        )
+    })
+    .then_some(img)
 }
 
 fn exec(argv: &[&str]) -> Exec {
@@ -61,31 +51,12 @@ fn with_agent<T: Send + 'static>(
     let work = tempfile::tempdir().unwrap();
     let sock = work.path().join("agent.sock");
     let base = work.path().join("base");
-    let out = Command::new("losetup")
-        .args(["--find", "--show", "--read-only"])
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let mut cmdline = format!("root={dev} root.overlay=tmpfs");
+    let dev = Loop::attach(img, true);
+    let mut cmdline = format!("root={} root.overlay=tmpfs", dev.0);
     if let Some(s) = overlay_size {
         cmdline.push_str(&format!(" root.overlaysize={s}"));
     }
-    let result = std::thread::spawn(move || {
-        unshare(CloneFlags::CLONE_NEWNS).unwrap();
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .unwrap();
+    let result = in_private_ns(move || {
         let cfg = vmrun_init::cmdline::parse(&cmdline).unwrap();
         vmrun_init::mount_kernel_filesystems(&base).unwrap();
         let root = vmrun_init::plan::build_root(&cfg, &base).unwrap();
@@ -102,14 +73,10 @@ fn with_agent<T: Send + 'static>(
         client.shutdown().unwrap();
         server.join().unwrap().unwrap();
         r
-    })
-    .join();
-    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    });
+    drop(dev);
     drop(work);
-    match result {
-        Ok(r) => r,
-        Err(p) => std::panic::resume_unwind(p),
-    }
+    result
 }
 
 #[test]
@@ -209,14 +176,7 @@ fn capture_holds_files_whiteouts_opaque_dirs_links_and_matches_a_host_extract() 
     std::fs::write(&tarfile, &tar).unwrap();
     let x = dir.path().join("x");
     std::fs::create_dir(&x).unwrap();
-    let st = Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "-xpf"])
-        .arg(&tarfile)
-        .arg("-C")
-        .arg(&x)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    gnu_tar_extract(&tarfile, &x);
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let wh = std::fs::symlink_metadata(x.join("etc/issue")).unwrap();
     assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
@@ -226,10 +186,7 @@ fn capture_holds_files_whiteouts_opaque_dirs_links_and_matches_a_host_extract() 
         std::fs::metadata(x.join("new.txt")).unwrap().ino()
     );
     assert_eq!(
-        vmrun_agent::capture::xattrs(&x.join("etc/skel"))
-            .iter()
-            .find(|(k, _)| k == "trusted.overlay.opaque")
-            .map(|(_, v)| v.clone()),
+        xattr(&x.join("etc/skel"), "trusted.overlay.opaque"),
         Some(b"y".to_vec())
     );
 }

@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use vmrun::builder::{BootProtocol, Outcome, Payload, VmConfig, Vmm};
+use vmrun::builder::Vmm;
+use vmrun::config::{BootProtocol, Payload, VmConfig};
 use vmrun::devices::legacy::serial::ConsoleSink;
+use vmrun::outcome::Outcome;
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::Status;
 use vmrun_tests::{t4_images, Budget, StageClock};
@@ -21,7 +23,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
         300,
     );
     // No disks yet: the init stays in the initramfs (root=none).
-    let cmdline = vmrun::cmdline::assemble(&[], Some("root=none"), pvm).unwrap();
+    let cmdline = vmrun::launch::cmdline::assemble(&[], Some("root=none"), pvm).unwrap();
     let log_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("t4-boot-console.log");
     let t0 = Instant::now();
     let vmm = Vmm::start(VmConfig {
@@ -36,6 +38,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
         console: ConsoleSink::File(std::fs::File::create(&log_path).unwrap()),
         disks: vec![],
         vsock: None,
+        probes: false,
     })
     .expect("VM starts");
     let started = t0.elapsed();

@@ -6,15 +6,17 @@
 use std::time::{Duration, Instant};
 
 use vmrun::api::agent::{AgentClient, Endpoint};
-use vmrun::builder::{Vmm, VsockConfig};
-use vmrun::compat::Compat;
+use vmrun::builder::Vmm;
+use vmrun::config::VsockConfig;
 use vmrun::devices::legacy::serial::ConsoleSink;
-use vmrun::launch::{LaunchOptions, Rootfs};
-use vmrun::overlay::OverlayRequest;
+use vmrun::host::compat::Compat;
+use vmrun::launch::overlay::Overlay;
+use vmrun::launch::{Rootfs, VmOptions};
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::agent::{Exec, ExitStatus, PORT};
 use vmrun_protocol::status::Status;
-use vmrun_tests::{read_tar, sha256, t4_images, t4_rootfs, Budget};
+use vmrun_tests::host::{gnu_tar_extract, sha256, xattr};
+use vmrun_tests::{read_tar, t4_images, t4_rootfs, Budget};
 
 fn sh(script: &str) -> Exec {
     Exec {
@@ -37,13 +39,11 @@ fn upload_exec_capture_through_a_real_guest() {
     let before = sha256(&rootfs);
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
-    let opts = LaunchOptions {
+    let opts = VmOptions {
         rootfs: Rootfs::Path(rootfs.clone()),
-        overlay: OverlayRequest {
-            overlay: Some("tmpfs".into()),
+        overlay: Some(Overlay::Tmpfs {
             size: Some("64M".into()),
-            ..Default::default()
-        },
+        }),
         vsock: Some(VsockConfig {
             cid: 3,
             uds_path: sock.clone(),
@@ -139,14 +139,7 @@ fn upload_exec_capture_through_a_real_guest() {
     std::fs::create_dir(&x).unwrap();
     let tarfile = dir.path().join("upper.tar");
     std::fs::write(&tarfile, &tar).unwrap();
-    let st = std::process::Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "-xpf"])
-        .arg(&tarfile)
-        .arg("-C")
-        .arg(&x)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    gnu_tar_extract(&tarfile, &x);
     assert!(std::fs::read(x.join("root/work/seed.bin")).unwrap() == payload);
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let wh = std::fs::symlink_metadata(x.join("etc/issue")).unwrap();
@@ -154,11 +147,9 @@ fn upload_exec_capture_through_a_real_guest() {
         wh.file_type().is_char_device() && wh.rdev() == 0,
         "whiteout extracted as char 0/0"
     );
-    let opaque = vmrun_agent::capture::xattrs(&x.join("etc/skel"));
+    let opaque = xattr(&x.join("etc/skel"), "trusted.overlay.opaque");
     assert!(
-        opaque
-            .iter()
-            .any(|(k, v)| k == "trusted.overlay.opaque" && v == b"y"),
+        opaque.as_deref() == Some(&b"y"[..]),
         "opaque dir extracted: {opaque:?}"
     );
     assert_eq!(std::fs::read(x.join("etc/skel/only")).unwrap(), b"fresh\n");

@@ -2,21 +2,21 @@
 //! workload run by vmrun-init (`vmrun.exec`). On hosts that emulate guest ring 0 each boot takes
 //! about a minute; timings are printed and labelled.
 
-use vmrun::builder::EXIT_LAUNCHER;
-use vmrun::compat::Compat;
-use vmrun::launch::{LaunchOptions, Rootfs};
-use vmrun::overlay::OverlayRequest;
+use vmrun::host::compat::Compat;
+use vmrun::launch::overlay::Overlay;
+use vmrun::launch::{Rootfs, VmOptions};
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::{InitError, Status};
-use vmrun_tests::{boot, sha256, t4_images, t4_rootfs, Booted, Budget};
+use vmrun_tests::host::sha256;
+use vmrun_tests::{boot, t4_images, t4_rootfs, Booted, Budget};
 
 /// A boot that runs one shell command and powers off.
 fn limit(what: &str) -> Budget {
     Budget::new(format!("{what} to boot, run and power off"), 60, 240)
 }
 
-fn opts(rootfs: &std::path::Path, exec: &str) -> LaunchOptions {
-    LaunchOptions {
+fn opts(rootfs: &std::path::Path, exec: &str) -> VmOptions {
+    VmOptions {
         rootfs: Rootfs::Path(rootfs.into()),
         exec: Some(exec.into()),
         compat: Compat::Auto,
@@ -96,14 +96,14 @@ fn disk_upper_persists_across_two_boots() {
     };
     let dir = tempfile::tempdir().unwrap();
     let upper = dir.path().join("upper.ext4");
-    vmrun::overlay::create_disk(&upper, "64M", "ext4").unwrap();
+    vmrun::launch::overlay::create_disk(&upper, "64M", "ext4").unwrap();
     let before = sha256(&rootfs);
     let with_disk = |exec: &str| {
         let mut o = opts(&rootfs, exec);
-        o.overlay = OverlayRequest {
-            overlay: Some(upper.to_str().unwrap().into()),
-            ..Default::default()
-        };
+        o.overlay = Some(Overlay::Disk {
+            path: upper.clone(),
+            fstype: "ext4".into(),
+        });
         o
     };
     let b1 = boot(
@@ -175,7 +175,8 @@ fn bad_overlay_size_is_the_init_error_not_a_timeout() {
         "{}",
         tail(&b.console)
     );
-    assert_eq!(b.outcome.code, EXIT_LAUNCHER);
+    // The VM failed rather than a workload: vmrun's 125.
+    assert_eq!(b.outcome.workload_status, None);
     assert!(
         b.outcome
             .summary

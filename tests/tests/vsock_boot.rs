@@ -6,10 +6,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use vmrun::builder::{Vmm, VsockConfig};
-use vmrun::compat::Compat;
+use vmrun::builder::Vmm;
+use vmrun::config::VsockConfig;
 use vmrun::devices::legacy::serial::ConsoleSink;
-use vmrun::launch::{LaunchOptions, Rootfs};
+use vmrun::host::compat::Compat;
+use vmrun::launch::{Rootfs, VmOptions};
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::Status;
 use vmrun_tests::{t4_images, Budget};
@@ -41,7 +42,7 @@ fn host_stream_into_a_listening_guest_moves_data_both_ways() {
     };
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");
-    let opts = LaunchOptions {
+    let opts = VmOptions {
         rootfs: Rootfs::None,
         exec: Some("/init vsock-echo 1024 1".into()),
         compat: Compat::Auto,

@@ -1,20 +1,27 @@
 //! vmrun: a microVM launcher on KVM.
 //!
-//! The crate is both the library that harnesses use and the `vmrun` binary. The VMM itself runs
-//! as its own process, one per VM; see DESIGN.md.
+//! The public surface is [`api`]: start VMs ([`api::vm::Vm`]), run commands, move files and
+//! capture what the guest wrote. The VMM itself runs as its own process, one per VM (the
+//! `vmrun` binary, which this crate also builds); see DESIGN.md. The other modules are the
+//! VMM's internals, public only for that binary and for the crate's own integration tests.
 
 pub mod api;
+
+#[doc(hidden)]
 pub mod arch;
-pub mod bench;
+#[doc(hidden)]
+pub mod boot;
+#[doc(hidden)]
 pub mod builder;
-pub mod cli;
-pub mod cli_vm;
-pub mod cmdline;
-pub mod compat;
+#[doc(hidden)]
+pub mod config;
+#[doc(hidden)]
 pub mod devices;
-pub mod doctor;
-pub mod images;
+#[doc(hidden)]
+pub mod host;
+#[doc(hidden)]
 pub mod launch;
-pub mod overlay;
-pub mod testguest;
+#[doc(hidden)]
+pub mod outcome;
+#[doc(hidden)]
 pub mod vstate;

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmrun::builder::{BootProtocol, Payload, StartError, VmConfig, Vmm};
+use vmrun::builder::{StartError, Vmm};
+use vmrun::config::{BootProtocol, Payload, VmConfig};
 use vmrun::devices::legacy::serial::ConsoleSink;
-use vmrun::testguest::{self, TestGuest};
+use vmrun::host::testguest::{self, TestGuest};
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::Status;
 
@@ -40,6 +41,7 @@ fn start(g: TestGuest, vcpus: u8) -> Vmm {
         console: ConsoleSink::None,
         disks: vec![],
         vsock: None,
+        probes: true,
     })
     .expect("test guest starts")
 }
@@ -67,6 +69,25 @@ fn pio_and_mmio_exits_reach_their_devices() {
     // through the PIO probe.
     assert_eq!(mmio, vec![7]);
     assert_eq!(pio, vec![1]);
+
+    // Without probes (as for every Linux guest) the same accesses reach no device: the MMIO
+    // read sees all-ones, so the PIO write sends 0xffffffff to an empty port.
+    let g = testguest::mmio();
+    let vmm = Vmm::start(VmConfig {
+        payload: Payload::Program {
+            code: g.code,
+            mode: g.mode,
+        },
+        mem_mib: 32,
+        vcpus: 1,
+        console: ConsoleSink::None,
+        disks: vec![],
+        vsock: None,
+        probes: false,
+    })
+    .unwrap();
+    assert_eq!(vmm.wait(WAIT), Some(ExitReason::Status(Status::Exited(0))));
+    assert!(vmm.mmio_probe_samples().is_empty() && vmm.probe_samples().is_empty());
 }
 
 fn vmrun_bin() -> Command {
@@ -189,6 +210,7 @@ fn linux(
         console: ConsoleSink::None,
         disks: vec![],
         vsock: None,
+        probes: true,
     })
 }
 
@@ -268,7 +290,7 @@ fn hostile_kernel_and_initrd_inputs_are_clear_errors() {
 
 /// A loadable ELF whose code parks the vCPU.
 fn mini_elf() -> Vec<u8> {
-    vmrun::testguest::images::elf(&[0xeb, 0xfe], false)
+    vmrun::host::testguest::images::elf(&[0xeb, 0xfe], false)
 }
 
 /// Boots `image` as a kernel and returns how it ended, what it printed and (EBX, ESI) at entry.
@@ -290,6 +312,7 @@ fn boot_image(
         console: ConsoleSink::None,
         disks: vec![],
         vsock: None,
+        probes: true,
     })
     .unwrap();
     let r = vmm.wait(WAIT);
@@ -311,7 +334,7 @@ fn every_kernel_entry_path_boots() {
     if !kvm_or_skip("every_kernel_entry_path_boots") {
         return;
     }
-    use vmrun::testguest::images::{bzimage, elf, program};
+    use vmrun::host::testguest::images::{bzimage, elf, program};
     let ok = Some(ExitReason::Status(Status::Exited(0)));
     use vmrun::arch::x86_64::layout::{PVH_INFO_START, ZERO_PAGE_START};
     let zp = (0, ZERO_PAGE_START as u32);
@@ -369,6 +392,7 @@ fn every_kernel_entry_path_boots() {
             console: ConsoleSink::None,
             disks: vec![],
             vsock: None,
+            probes: true,
         })
         .map(|_| ())
     });

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
+use vmrun_protocol::agent::frame::CopyError;
 use vmrun_protocol::agent::{
-    kind, read_frame, write_frame, ErrorInfo, ErrorKind, Exec, ExitStatus, ProtoError, Reply,
-    Request, StatInfo, Upload, CHUNK, VERSION,
+    kind, read_frame, write_frame, DataReader, DataWriter, ErrorInfo, ErrorKind, Exec, ExitStatus,
+    ProtoError, Reply, Request, StatInfo, Upload, CHUNK, VERSION,
 };
 
 #[derive(Debug, Error)]
@@ -345,6 +346,7 @@ impl AgentClient {
         let k = read_frame(&mut s, &mut buf)?;
         expect(k, kind::OK, "OK", &buf)?;
         let mut chunk = vec![0u8; CHUNK];
+        let mut out = DataWriter::new(&mut s);
         loop {
             let n = match src.read(&mut chunk) {
                 Ok(0) => break,
@@ -357,16 +359,16 @@ impl AgentClient {
                     })
                 }
             };
-            if let Err(e) = write_frame(&mut s, kind::DATA, &chunk[..n]) {
+            if let Err(e) = out.write_all(&chunk[..n]) {
                 // The agent may have stopped reading because it failed (ENOSPC): its error is
                 // the better answer.
-                return Err(match read_frame(&mut s, &mut buf) {
+                return Err(match read_frame(out.get_mut(), &mut buf) {
                     Ok(Some(kind::ERROR)) => AgentError::Remote(ErrorInfo::decode(&buf)?),
                     _ => AgentError::Protocol(e.into()),
                 });
             }
         }
-        write_frame(&mut s, kind::EOF, &[]).map_err(|e| AgentError::Protocol(e.into()))?;
+        out.finish().map_err(|e| AgentError::Protocol(e.into()))?;
         let k = read_frame(&mut s, &mut buf)?;
         expect(k, kind::OK, "OK", &buf)?;
         <[u8; 8]>::try_from(buf.as_slice())
@@ -438,25 +440,24 @@ impl AgentClient {
     }
 }
 
-/// DATA frames until EOF into `dst`.
+/// DATA frames until EOF into `dst`; an ERROR frame instead is the agent's error.
 fn copy_data(
     s: &mut UnixStream,
     buf: &mut Vec<u8>,
     dst: &mut impl Write,
 ) -> Result<u64, AgentError> {
-    let mut total = 0u64;
-    loop {
-        match read_frame(s, buf)? {
-            Some(kind::DATA) => {
-                dst.write_all(buf).map_err(|e| AgentError::Local {
-                    what: "destination",
-                    source: e,
-                })?;
-                total += buf.len() as u64;
-            }
-            Some(kind::EOF) => return Ok(total),
-            other => expect(other, kind::EOF, "DATA or EOF", buf)?,
-        }
+    let mut data = DataReader::new(s, buf);
+    match data.copy_to(dst) {
+        Ok(n) => Ok(n),
+        Err(CopyError::Sink(source)) => Err(AgentError::Local {
+            what: "destination",
+            source,
+        }),
+        Err(CopyError::Stream(ProtoError::Truncated)) => Err(AgentError::Closed("DATA or EOF")),
+        Err(CopyError::Stream(e)) => match data.ended_by() {
+            Some((kind::ERROR, payload)) => Err(AgentError::Remote(ErrorInfo::decode(payload)?)),
+            _ => Err(e.into()),
+        },
     }
 }
 

@@ -23,23 +23,14 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmrun_protocol::agent::{Exec, PORT};
+use vmrun_protocol::cmdline::console::INIT_ERROR;
 
 use super::agent::{AgentClient, AgentError, Endpoint, Output, Process};
-use crate::builder::{BootProtocol, DiskConfig, VsockConfig};
-use crate::compat::Compat;
-use crate::launch::{self, LaunchError, LaunchOptions, Rootfs};
-use crate::overlay::{OverlayRequest, ENV_TOGGLE};
-
-/// The upper layer of the overlay root.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Overlay {
-    /// The root disk mounted directly, read-only.
-    None,
-    /// Writes go to a tmpfs (optionally size-limited, e.g. "256M" or "50%").
-    Tmpfs { size: Option<String> },
-    /// Writes go to a disk image (see `vmrun overlay create`), which persists across VMs.
-    Disk { path: PathBuf, fstype: String },
-}
+use crate::config::{DiskConfig, VsockConfig, DEFAULT_CID};
+use crate::host::compat::Compat;
+pub use crate::launch::overlay::Overlay;
+use crate::launch::overlay::ENV_TOGGLE;
+use crate::launch::{self, LaunchError, Rootfs, VmOptions};
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -75,13 +66,16 @@ pub enum VmError {
 /// Configures a VM; see [`Vm::builder`].
 #[derive(Clone, Debug)]
 pub struct VmBuilder {
-    opts: LaunchOptions,
-    overlay: Option<Overlay>,
-    console_log: Option<PathBuf>,
+    opts: VmOptions,
     boot_timeout: Duration,
 }
 
 impl VmBuilder {
+    /// All options at once (what the CLI's flags resolve to).
+    pub fn options(mut self, opts: VmOptions) -> Self {
+        self.opts = opts;
+        self
+    }
     pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
         self.opts.kernel = Some(path.into());
         self
@@ -96,7 +90,7 @@ impl VmBuilder {
     }
     /// The upper layer. Without it, `GONDOLIN_ROOT_OVERLAY=1|true|tmpfs` selects a tmpfs one.
     pub fn overlay(mut self, overlay: Overlay) -> Self {
-        self.overlay = Some(overlay);
+        self.opts.overlay = Some(overlay);
         self
     }
     pub fn memory_mib(mut self, mib: u64) -> Self {
@@ -122,7 +116,7 @@ impl VmBuilder {
     }
     /// Keep the guest console in this file (default: a temporary file removed with the VM).
     pub fn console_log(mut self, path: impl Into<PathBuf>) -> Self {
-        self.console_log = Some(path.into());
+        self.opts.console_log = Some(path.into());
         self
     }
     /// How long `start` waits for the agent (default 60 s, 600 s where ring 0 is emulated).
@@ -135,46 +129,16 @@ impl VmBuilder {
         self
     }
 
-    fn request(&self) -> Option<OverlayRequest> {
-        self.overlay.as_ref().map(|o| match o {
-            Overlay::None => OverlayRequest::default(),
-            Overlay::Tmpfs { size } => OverlayRequest {
-                overlay: Some("tmpfs".into()),
-                size: size.clone(),
-                fstype: None,
-            },
-            Overlay::Disk { path, fstype } => OverlayRequest {
-                overlay: Some(path.to_string_lossy().into_owned()),
-                size: None,
-                fstype: Some(fstype.clone()),
-            },
-        })
+    /// The options as they stand.
+    pub fn options_ref(&self) -> &VmOptions {
+        &self.opts
     }
 
     /// What the VM would be: options after defaults, the overlay toggle and the user's command
     /// line are applied (no VM is started).
-    pub fn resolve(
-        &self,
-        vsock: Option<&Path>,
-    ) -> Result<(LaunchOptions, launch::Resolved), VmError> {
-        let mut opts = self.opts.clone();
-        // The environment toggle applies only when the overlay was not set explicitly.
-        let env = if self.overlay.is_some() {
-            None
-        } else {
-            std::env::var(ENV_TOGGLE).ok()
-        };
-        if let Some(r) = self.request() {
-            opts.overlay = r;
-        }
-        if let Some(p) = vsock {
-            opts.vsock = Some(VsockConfig {
-                cid: 3,
-                uds_path: p.to_path_buf(),
-            });
-        }
-        let resolved = launch::resolve(&opts, env.as_deref())?;
-        Ok((opts, resolved))
+    pub fn resolve(&self) -> Result<launch::Resolved, VmError> {
+        let env = std::env::var(ENV_TOGGLE).ok();
+        Ok(launch::resolve(&self.opts, env.as_deref())?)
     }
 
     /// Boots the VM and waits for its agent.
@@ -185,10 +149,18 @@ impl VmBuilder {
             .map_err(VmError::Temp)?;
         let sock = dir.path().join("vsock.sock");
         let console = self
+            .opts
             .console_log
             .clone()
             .unwrap_or_else(|| dir.path().join("console.log"));
-        let (opts, resolved) = self.resolve(Some(&sock))?;
+        let mut opts = self.opts.clone();
+        opts.vsock = Some(VsockConfig {
+            cid: DEFAULT_CID,
+            uds_path: sock.clone(),
+        });
+        opts.console_log = Some(console.clone());
+        let env = std::env::var(ENV_TOGGLE).ok();
+        let resolved = launch::resolve(&opts, env.as_deref())?;
         let timeout = if resolved.pvm && self.boot_timeout == DEFAULT_BOOT_TIMEOUT {
             Duration::from_secs(600)
         } else {
@@ -196,67 +168,12 @@ impl VmBuilder {
         };
 
         let mut cmd = Command::new(vmm_binary()?);
-        cmd.arg("boot")
-            .arg("--kernel")
-            .arg(&resolved.kernel)
-            .arg("--initrd")
-            .arg(&resolved.initrd)
-            .arg("--compat")
-            .arg(if resolved.pvm { "pvm" } else { "off" })
-            .arg("--memory")
-            .arg(opts.memory_mib.to_string())
-            .arg("--cpus")
-            .arg(opts.vcpus.to_string())
-            .arg("--vsock")
-            .arg(&sock)
-            .arg("--console-log")
-            .arg(&console)
-            .arg("--boot-protocol")
-            .arg(match opts.boot_protocol {
-                BootProtocol::Auto => "auto",
-                BootProtocol::Pvh => "pvh",
-                BootProtocol::Linux64 => "linux64",
-            });
-        match &opts.rootfs {
-            Rootfs::None => cmd.arg("--rootfs").arg("none"),
-            Rootfs::Path(p) => cmd.arg("--rootfs").arg(p),
-            Rootfs::Default => cmd.arg("--rootfs").arg(
-                resolved
-                    .disks
-                    .first()
-                    .map(|d| d.path.as_os_str())
-                    .unwrap_or_default(),
-            ),
-        };
-        match &resolved.overlay {
-            crate::overlay::Overlay::None => {}
-            crate::overlay::Overlay::Tmpfs { size } => {
-                cmd.arg("--overlay").arg("tmpfs");
-                if let Some(s) = size {
-                    cmd.arg("--overlay-size").arg(s);
-                }
-            }
-            crate::overlay::Overlay::Disk { path, fstype } => {
-                cmd.arg("--overlay")
-                    .arg(path)
-                    .arg("--overlay-fstype")
-                    .arg(fstype);
-            }
-        }
-        for d in &opts.disks {
-            let mut v = d.path.clone().into_os_string();
-            if d.read_only {
-                v.push(",ro");
-            }
-            cmd.arg("--disk").arg(v);
-        }
-        if let Some(c) = &opts.cmdline {
-            cmd.arg("--cmdline").arg(c);
-        }
-        // The overlay decision is already in the arguments.
+        // Every decision is in the arguments: the VMM reads no environment of ours.
+        cmd.arg("boot").args(opts.pinned(&resolved).to_args());
         cmd.env_remove(ENV_TOGGLE)
             .env_remove("VMRUN_KERNEL")
-            .env_remove("VMRUN_INITRAMFS");
+            .env_remove("VMRUN_INITRAMFS")
+            .env_remove("VMRUN_ROOTFS");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -358,9 +275,7 @@ impl From<Exec> for Cmd {
 impl Vm {
     pub fn builder() -> VmBuilder {
         VmBuilder {
-            opts: LaunchOptions::default(),
-            overlay: None,
-            console_log: None,
+            opts: VmOptions::default(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
         }
     }
@@ -401,7 +316,7 @@ impl Vm {
         let init_error = console
             .lines()
             .rev()
-            .find(|l| l.contains("vmrun-init: error:"))
+            .find(|l| l.contains(INIT_ERROR))
             .map(str::to_string);
         let summary = stderr
             .lines()

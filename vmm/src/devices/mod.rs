@@ -1,10 +1,9 @@
-//! Emulated devices and the buses that route guest PIO/MMIO exits to them.
+//! Emulated devices. They sit on the VM's buses (`vstate::bus::BusDevice`) and tell the VM's
+//! owner what the guest did through eventfds and the small trait in `legacy`, never by
+//! reaching into VM state.
 
-pub mod bus;
 pub mod legacy;
 pub mod virtio;
-
-pub use bus::{Bus, BusDevice};
 
 use vmm_sys_util::eventfd::EventFd;
 

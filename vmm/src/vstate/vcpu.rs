@@ -2,22 +2,20 @@
 //! buses, every other exit either continues or ends the VM with a reason. Stopping a vCPU that
 //! sits in KVM_RUN is done by a signal that makes the ioctl return EINTR.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    kvm_mp_state, CpuId, Msrs, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{kvm_mp_state, CpuId, Msrs, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
-use super::{ExitReason, ExitState};
+use super::bus::Bus;
+use super::exit::{ExitReason, ExitState};
 use crate::arch::x86_64::gdt::CpuMode;
 use crate::arch::x86_64::{cpuid, msr, regs};
-use crate::devices::Bus;
 
 /// LAPIC register offsets and delivery modes for LINT0/LINT1.
 const APIC_LVT0: usize = 0x350;
@@ -66,6 +64,8 @@ pub struct Vcpu {
     index: u8,
     buses: Arc<Buses>,
     exit: Arc<ExitState>,
+    /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN (0 until then), shared by its vCPUs.
+    first_run: Arc<AtomicU64>,
 }
 
 fn setup_err(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -89,6 +89,7 @@ impl Vcpu {
         index: u8,
         buses: Arc<Buses>,
         exit: Arc<ExitState>,
+        first_run: Arc<AtomicU64>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -98,6 +99,7 @@ impl Vcpu {
             index,
             buses,
             exit,
+            first_run,
         })
     }
 
@@ -179,9 +181,9 @@ impl Vcpu {
     }
 
     fn run_loop(mut self) {
-        if REPORT_FIRST_RUN.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("vmrun: timing: first KVM_RUN at {} ns", monotonic_ns());
-        }
+        let _ =
+            self.first_run
+                .compare_exchange(0, monotonic_ns(), Ordering::SeqCst, Ordering::SeqCst);
         while !self.exit.should_stop() {
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
@@ -216,11 +218,9 @@ impl Vcpu {
             Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { cpu }),
             Ok(VcpuExit::FailEntry(reason, _)) => Some(ExitReason::FailEntry { cpu, reason }),
             Ok(VcpuExit::InternalError) => Some(self.internal_error()),
+            // Shutdown, crash and any other kind end the VM with the kind named.
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
-                KVM_SYSTEM_EVENT_SHUTDOWN | KVM_SYSTEM_EVENT_CRASH => {
-                    ExitReason::SystemEvent { cpu, kind }
-                }
                 _ => ExitReason::SystemEvent { cpu, kind },
             }),
             Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
@@ -284,11 +284,6 @@ pub fn stop_and_join(handle: JoinHandle<()>) {
         log::error!("a vCPU thread panicked");
     }
 }
-
-/// Set by `vmrun bench`'s probe (`vmrun test-guest --timing`): the first vCPU to enter
-/// KVM_RUN prints the CLOCK_MONOTONIC time, which the spawning process compares with its own.
-pub static REPORT_FIRST_RUN: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the host.
 pub fn monotonic_ns() -> u64 {

@@ -7,7 +7,7 @@ use thiserror::Error;
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
 
 #[derive(Debug, Error)]
-pub enum VmError {
+pub enum KvmError {
     #[error("cannot open /dev/kvm: {0}; check that KVM is loaded and that you may open /dev/kvm (run `vmrun doctor`)")]
     OpenKvm(kvm_ioctls::Error),
     #[error("KVM API version {0} is not supported (need 12)")]
@@ -22,24 +22,24 @@ pub enum VmError {
     Pit(kvm_ioctls::Error),
 }
 
-pub fn open_kvm() -> Result<Kvm, VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+pub fn open_kvm() -> Result<Kvm, KvmError> {
+    let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
     let v = kvm.get_api_version();
     if v != 12 {
-        return Err(VmError::ApiVersion(v));
+        return Err(KvmError::ApiVersion(v));
     }
     Ok(kvm)
 }
 
-pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
-    let vm = kvm.create_vm().map_err(VmError::CreateVm)?;
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, KvmError> {
+    let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(VmError::Tss)?;
-    vm.create_irq_chip().map_err(VmError::IrqChip)?;
+        .map_err(KvmError::Tss)?;
+    vm.create_irq_chip().map_err(KvmError::IrqChip)?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(VmError::Pit)?;
+    vm.create_pit2(pit).map_err(KvmError::Pit)?;
     Ok(vm)
 }

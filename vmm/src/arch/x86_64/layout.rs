@@ -55,6 +55,14 @@ pub const SERIAL_IRQ: u32 = 4;
 pub const I8042_PORT: u16 = 0x60;
 /// The status port: see `devices::legacy::status` and `vmrun_protocol::status`.
 pub const STATUS_PORT: u16 = vmrun_protocol::status::PORT;
+/// Where test programs are loaded, and where the stack of vCPU 0 starts (each next vCPU's
+/// 4 KiB lower).
+pub const PROGRAM_START: u64 = HIMEM_START;
+pub const PROGRAM_STACK: u64 = 0x30_0000;
+/// Probe devices for test programs only: a PIO port and an MMIO window inside the identity
+/// map but outside RAM.
+pub const PROBE_PORT: u16 = 0x06f4;
+pub const PROBE_MMIO: u64 = 0x3000_0000;
 /// Most vCPUs a VM may have: the MP table (one 20-byte entry per vCPU) must fit in the 1 KiB
 /// EBDA, and the IOAPIC takes the APIC id after the last vCPU.
 pub const MAX_VCPUS: u8 = 32;

@@ -5,17 +5,17 @@ use std::sync::Arc;
 
 use vm_superio::{I8042Device, Trigger};
 
-use crate::devices::BusDevice;
-use crate::vstate::{ExitReason, ExitState};
+use super::{GuestSignal, GuestSignals};
+use crate::vstate::bus::BusDevice;
 
-/// Fires the VM exit on reset.
-pub struct ResetTrigger(Arc<ExitState>);
+/// Tells the VM's owner about the reset.
+pub struct ResetTrigger(Arc<dyn GuestSignals>);
 
 impl Trigger for ResetTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.request(ExitReason::Reset);
+        self.0.signal(GuestSignal::Reset);
         Ok(())
     }
 }
@@ -24,8 +24,8 @@ impl Trigger for ResetTrigger {
 pub struct I8042(I8042Device<ResetTrigger>);
 
 impl I8042 {
-    pub fn new(exit: Arc<ExitState>) -> Self {
-        I8042(I8042Device::new(ResetTrigger(exit)))
+    pub fn new(sink: Arc<dyn GuestSignals>) -> Self {
+        I8042(I8042Device::new(ResetTrigger(sink)))
     }
 }
 
@@ -48,24 +48,25 @@ impl BusDevice for I8042 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::Recorder;
     use super::*;
 
     #[test]
     fn reset_command_ends_the_vm() {
-        let exit = Arc::new(ExitState::default());
-        let mut dev = I8042::new(exit.clone());
+        let rec = Recorder::new();
+        let mut dev = I8042::new(rec.clone());
         dev.write(4, &[0x20]); // read command byte: harmless
-        assert!(exit.reason().is_none());
+        assert!(rec.first().is_none());
         dev.write(4, &[0xfe]);
-        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+        assert_eq!(rec.first(), Some(GuestSignal::Reset));
     }
 
     #[test]
     fn wide_accesses_are_ignored() {
-        let exit = Arc::new(ExitState::default());
-        let mut dev = I8042::new(exit.clone());
+        let rec = Recorder::new();
+        let mut dev = I8042::new(rec.clone());
         dev.write(4, &[0xfe, 0]);
-        assert!(exit.reason().is_none());
+        assert!(rec.first().is_none());
         let mut d = [0u8; 2];
         dev.read(0, &mut d);
         assert_eq!(d, [0xff, 0xff]);

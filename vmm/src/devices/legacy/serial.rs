@@ -9,17 +9,15 @@ use std::sync::{Arc, Mutex};
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
+use vmrun_protocol::cmdline::console::{INIT_ERROR, KERNEL_PANIC};
 
-use crate::devices::{BusDevice, IrqLine};
+use crate::devices::IrqLine;
+use crate::vstate::bus::BusDevice;
 
 /// Bytes of console output kept for exit reports.
 const TAIL_BYTES: usize = 64 * 1024;
 /// Longest line remembered as a "last error" line.
 const LINE_MAX: usize = 512;
-/// What a kernel panic prints.
-const PANIC_MARK: &str = "Kernel panic";
-/// What vmrun-init prints before it reports failure.
-pub const INIT_ERROR_MARK: &str = "vmrun-init: error:";
 
 #[derive(Default)]
 struct TailState {
@@ -45,10 +43,10 @@ impl ConsoleTail {
                 let line = String::from_utf8_lossy(&s.line)
                     .trim_end_matches('\r')
                     .to_string();
-                if line.contains(PANIC_MARK) && s.panic_line.is_none() {
+                if line.contains(KERNEL_PANIC) && s.panic_line.is_none() {
                     s.panic_line = Some(line.clone());
                 }
-                if let Some(i) = line.find(INIT_ERROR_MARK) {
+                if let Some(i) = line.find(INIT_ERROR) {
                     s.init_error = Some(line[i..].to_string());
                 }
                 s.line.clear();

@@ -1,30 +1,29 @@
-//! The status port (encoding in `vmrun_protocol::status`) and the probe port test guests use
-//! to timestamp points of their run.
+//! The status port (encoding in `vmrun_protocol::status`): the init and agent report how the
+//! guest ended before they reset it.
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use vmrun_protocol::status::Status;
 
-use crate::devices::BusDevice;
-use crate::vstate::{ExitReason, ExitState};
+use super::{GuestSignal, GuestSignals};
+use crate::vstate::bus::BusDevice;
 
 pub struct StatusPort {
     kind: u8,
-    exit: Arc<ExitState>,
+    sink: Arc<dyn GuestSignals>,
 }
 
 impl StatusPort {
-    pub fn new(exit: Arc<ExitState>) -> Self {
-        StatusPort { kind: 0, exit }
+    pub fn new(sink: Arc<dyn GuestSignals>) -> Self {
+        StatusPort { kind: 0, sink }
     }
 
     fn commit(&mut self, code: u8) {
-        let reason = match Status::decode(self.kind, code) {
-            Ok(s) => ExitReason::Status(s),
-            Err(kind) => ExitReason::BadStatus { kind, code },
+        let signal = match Status::decode(self.kind, code) {
+            Ok(s) => GuestSignal::Status(s),
+            Err(kind) => GuestSignal::BadStatus { kind, code },
         };
-        self.exit.request(reason);
+        self.sink.signal(signal);
     }
 }
 
@@ -49,94 +48,41 @@ impl BusDevice for StatusPort {
     }
 }
 
-/// Most samples kept; a guest writing in a loop cannot grow the VMM.
-const PROBE_MAX: usize = 4096;
-
-/// Records (time, value) for each write, for test guests and `vmrun doctor`'s timing probe.
-#[derive(Clone, Default)]
-pub struct ProbePort {
-    samples: Arc<Mutex<Vec<(Instant, u32)>>>,
-}
-
-impl ProbePort {
-    pub fn samples(&self) -> Vec<(Instant, u32)> {
-        self.samples
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-impl BusDevice for ProbePort {
-    /// Reads answer with the number of samples so far, so a guest can check a round trip.
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        let n = self.samples.lock().unwrap_or_else(|e| e.into_inner()).len() as u32;
-        let b = n.to_le_bytes();
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = b.get(i).copied().unwrap_or(0);
-        }
-    }
-
-    fn write(&mut self, _offset: u64, data: &[u8]) {
-        let now = Instant::now();
-        let mut v = [0u8; 4];
-        let n = data.len().min(4);
-        v[..n].copy_from_slice(&data[..n]);
-        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        if s.len() < PROBE_MAX {
-            s.push((now, u32::from_le_bytes(v)));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::tests::Recorder;
     use super::*;
 
     #[test]
     fn byte_writes_latch_then_commit() {
-        let exit = Arc::new(ExitState::default());
-        let mut p = StatusPort::new(exit.clone());
+        let rec = Recorder::new();
+        let mut p = StatusPort::new(rec.clone());
         p.write(0, &[0]);
-        assert!(exit.reason().is_none());
+        assert!(rec.first().is_none());
         p.write(1, &[42]);
-        assert_eq!(exit.reason(), Some(ExitReason::Status(Status::Exited(42))));
+        assert_eq!(rec.first(), Some(GuestSignal::Status(Status::Exited(42))));
     }
 
     #[test]
     fn word_write_commits_and_first_report_wins() {
-        let exit = Arc::new(ExitState::default());
-        let mut p = StatusPort::new(exit.clone());
+        let rec = Recorder::new();
+        let mut p = StatusPort::new(rec.clone());
         p.write(0, &[2, 4]);
         p.write(0, &[0, 0]);
         assert_eq!(
-            exit.reason(),
-            Some(ExitReason::Status(Status::InitFailed(4)))
+            rec.first(),
+            Some(GuestSignal::Status(Status::InitFailed(4)))
         );
     }
 
     #[test]
     fn unknown_kind_is_reported_not_trusted() {
-        let exit = Arc::new(ExitState::default());
-        let mut p = StatusPort::new(exit.clone());
+        let rec = Recorder::new();
+        let mut p = StatusPort::new(rec.clone());
         p.write(0, &[9, 1]);
         assert_eq!(
-            exit.reason(),
-            Some(ExitReason::BadStatus { kind: 9, code: 1 })
+            rec.first(),
+            Some(GuestSignal::BadStatus { kind: 9, code: 1 })
         );
-    }
-
-    #[test]
-    fn probe_is_bounded() {
-        let mut p = ProbePort::default();
-        for i in 0..(PROBE_MAX as u32 + 10) {
-            p.write(0, &i.to_le_bytes());
-        }
-        let s = p.samples();
-        assert_eq!(s.len(), PROBE_MAX);
-        let mut r = [0u8; 4];
-        p.read(0, &mut r);
-        assert_eq!(u32::from_le_bytes(r) as usize, PROBE_MAX);
-        assert_eq!(s[5].1, 5);
     }
 }

@@ -1,11 +1,10 @@
-//! The vsock connection multiplexer: the state of every connection between guest ports and host
-//! Unix streams, vsock credit flow control in both directions, and the packets owed to the
-//! guest. Bounded everywhere: connections, buffered bytes per connection, queued control
-//! packets, handshake lines.
+//! The vsock connection multiplexer: which guest ports talk to which host Unix streams, the
+//! host side's `CONNECT <port>` handshake, guest connections to `<path>_<port>`, and the
+//! packets owed to the guest (control packets first, then data in turn). Bounded everywhere:
+//! connections, queued control packets, handshake lines; each connection bounds its buffer.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -15,25 +14,14 @@ use std::sync::Arc;
 use thiserror::Error;
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ReadVolatile, VolatileMemoryError};
 
-use super::{HOST_CID, MAX_PKT_DATA};
+use super::connection::{Broken, Connection, HostRead, State};
+use super::packet::{
+    Header, HEADER_LEN, HOST_CID, MAX_PKT_DATA, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST,
+    OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
 use crate::devices::virtio::{FdChange, FdWatch, FIRST_DEVICE_TOKEN};
 
-pub const TYPE_STREAM: u16 = 1;
-pub const OP_REQUEST: u16 = 1;
-pub const OP_RESPONSE: u16 = 2;
-pub const OP_RST: u16 = 3;
-pub const OP_SHUTDOWN: u16 = 4;
-pub const OP_RW: u16 = 5;
-pub const OP_CREDIT_UPDATE: u16 = 6;
-pub const OP_CREDIT_REQUEST: u16 = 7;
-pub const SHUTDOWN_RCV: u32 = 1;
-pub const SHUTDOWN_SEND: u32 = 2;
-pub const HEADER_LEN: u32 = 44;
-
-/// Receive buffer vmrun advertises per connection, and the most it buffers for one.
-pub const BUF_ALLOC: u32 = 256 * 1024;
 /// Connections (and pending handshakes) at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Control packets waiting for guest buffers.
@@ -69,154 +57,6 @@ pub struct VsockMetrics {
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
-}
-
-/// A packet header, as plain values.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Header {
-    pub src_cid: u64,
-    pub dst_cid: u64,
-    pub src_port: u32,
-    pub dst_port: u32,
-    pub len: u32,
-    pub type_: u16,
-    pub op: u16,
-    pub flags: u32,
-    pub buf_alloc: u32,
-    pub fwd_cnt: u32,
-}
-
-impl Header {
-    /// From the 44 little-endian header bytes (virtio spec 5.10.6).
-    pub fn parse(b: &[u8; HEADER_LEN as usize]) -> Header {
-        let u64_at = |o: usize| {
-            u64::from_le_bytes([
-                b[o],
-                b[o + 1],
-                b[o + 2],
-                b[o + 3],
-                b[o + 4],
-                b[o + 5],
-                b[o + 6],
-                b[o + 7],
-            ])
-        };
-        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        Header {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
-        }
-    }
-
-    /// The 44 little-endian header bytes (what a guest driver writes).
-    pub fn to_bytes(&self) -> [u8; HEADER_LEN as usize] {
-        let mut b = [0u8; HEADER_LEN as usize];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
-    }
-
-    fn store<B: BitmapSlice>(&self, p: &mut VsockPacket<'_, B>) {
-        p.set_src_cid(self.src_cid)
-            .set_dst_cid(self.dst_cid)
-            .set_src_port(self.src_port)
-            .set_dst_port(self.dst_port)
-            .set_len(self.len)
-            .set_type(self.type_)
-            .set_op(self.op)
-            .set_flags(self.flags)
-            .set_buf_alloc(self.buf_alloc)
-            .set_fwd_cnt(self.fwd_cnt);
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// Host-initiated: REQUEST sent, waiting for the guest's RESPONSE.
-    Connecting,
-    Established,
-}
-
-struct Connection {
-    local_port: u32,
-    peer_port: u32,
-    stream: UnixStream,
-    state: State,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: Wrapping<u32>,
-    /// Bytes sent to the guest.
-    rx_cnt: Wrapping<u32>,
-    /// Bytes from the guest written to the host stream.
-    fwd_cnt: Wrapping<u32>,
-    last_fwd_reported: Wrapping<u32>,
-    /// Guest bytes the host stream has not taken yet (at most BUF_ALLOC: the guest's credit).
-    pending: VecDeque<u8>,
-    /// The guest will send no more: shut the host stream's write side once `pending` drains.
-    shut_write_after_flush: bool,
-    /// The guest will read no more.
-    peer_no_recv: bool,
-    /// The host stream reached EOF (the host shut its writing side, or closed).
-    host_eof: bool,
-    /// The host stream hung up entirely (it will not read either).
-    host_hup: bool,
-    /// The guest will send no more.
-    peer_no_send: bool,
-    watch_in: bool,
-    watch_out: bool,
-}
-
-impl Connection {
-    fn new(
-        local_port: u32,
-        peer_port: u32,
-        stream: UnixStream,
-        state: State,
-        peer_buf_alloc: u32,
-        peer_fwd_cnt: u32,
-    ) -> Self {
-        Connection {
-            local_port,
-            peer_port,
-            stream,
-            state,
-            peer_buf_alloc,
-            peer_fwd_cnt: Wrapping(peer_fwd_cnt),
-            rx_cnt: Wrapping(0),
-            fwd_cnt: Wrapping(0),
-            last_fwd_reported: Wrapping(0),
-            pending: VecDeque::new(),
-            shut_write_after_flush: false,
-            peer_no_recv: false,
-            host_eof: false,
-            host_hup: false,
-            peer_no_send: false,
-            watch_in: true,
-            watch_out: false,
-        }
-    }
-
-    /// Bytes the guest can still take on this connection.
-    fn peer_credit(&self) -> u32 {
-        let in_flight = (self.rx_cnt - self.peer_fwd_cnt).0;
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
 }
 
 struct Handshake {
@@ -335,21 +175,6 @@ impl Muxer {
         }
     }
 
-    fn header(&self, c: &Connection, op: u16) -> Header {
-        Header {
-            src_cid: HOST_CID,
-            dst_cid: self.cid,
-            src_port: c.local_port,
-            dst_port: c.peer_port,
-            len: 0,
-            type_: TYPE_STREAM,
-            op,
-            flags: 0,
-            buf_alloc: BUF_ALLOC,
-            fwd_cnt: c.fwd_cnt.0,
-        }
-    }
-
     fn push_control(&mut self, h: Header) {
         if self.control.len() >= MAX_CONTROL {
             inc(&self.metrics.control_dropped);
@@ -359,6 +184,13 @@ impl Muxer {
             inc(&self.metrics.resets_sent);
         }
         self.control.push_back(h);
+    }
+
+    /// A control packet of `op` on connection `id`, carrying our credit.
+    fn push_op(&mut self, id: u32, op: u16) {
+        if let Some(h) = self.conns.get(&id).map(|c| c.header(op)) {
+            self.push_control(h);
+        }
     }
 
     /// An RST answering a packet that belongs to no connection.
@@ -378,16 +210,31 @@ impl Muxer {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        if c.watch_in == readable && c.watch_out == writable {
-            return;
+        if c.set_watch(readable, writable).is_some() {
+            self.fd_changes.push(FdChange::Modify(FdWatch {
+                fd: c.fd(),
+                token: token(id),
+                readable,
+                writable,
+            }));
         }
-        c.watch_in = readable;
-        c.watch_out = writable;
-        self.fd_changes.push(FdChange::Modify(FdWatch {
-            fd: c.stream.as_raw_fd(),
+    }
+
+    /// Watches for writability exactly while guest bytes wait for the host stream.
+    fn watch_pending(&mut self, id: u32) {
+        if let Some(c) = self.conns.get(&id) {
+            let (readable, _) = c.watching();
+            let out = c.has_pending();
+            self.watch(id, readable, out);
+        }
+    }
+
+    fn add_watch(&mut self, id: u32, fd: RawFd) {
+        self.fd_changes.push(FdChange::Add(FdWatch {
+            fd,
             token: token(id),
-            readable,
-            writable,
+            readable: true,
+            writable: false,
         }));
     }
 
@@ -399,8 +246,7 @@ impl Muxer {
             self.handshakes.remove(&id).map(|h| h.stream)
         };
         if let Some(s) = stream {
-            let fd: RawFd = s.as_raw_fd();
-            self.fd_changes.push(FdChange::Remove(fd));
+            self.fd_changes.push(FdChange::Remove(s.as_raw_fd()));
             // Shut it now so the host peer sees the end at once; close after unregistering.
             let _ = s.shutdown(std::net::Shutdown::Both);
             self.graveyard.push(s);
@@ -411,11 +257,31 @@ impl Muxer {
     /// Sends RST for `id` and forgets it.
     fn kill(&mut self, id: u32, why: &str) {
         log::debug!("vsock: resetting connection {id}: {why}");
-        if let Some(c) = self.conns.get(&id) {
-            let h = self.header(c, OP_RST);
-            self.push_control(h);
-        }
+        self.push_op(id, OP_RST);
         self.remove(id);
+    }
+
+    fn broken(&mut self, id: u32, b: Broken) {
+        if b == Broken::CreditViolation {
+            inc(&self.metrics.credit_violations);
+        }
+        self.kill(id, b.reason());
+    }
+
+    fn maybe_credit_update(&mut self, id: u32) {
+        if self
+            .conns
+            .get_mut(&id)
+            .is_some_and(Connection::credit_update_due)
+        {
+            self.push_op(id, OP_CREDIT_UPDATE);
+        }
+    }
+
+    fn maybe_finish(&mut self, id: u32) {
+        if self.conns.get(&id).is_some_and(Connection::finished) {
+            self.kill(id, "both sides finished");
+        }
     }
 
     // ---- guest → host ----
@@ -448,24 +314,23 @@ impl Muxer {
             }
             return;
         };
-        let was_stalled = self.conns.get(&id).is_some_and(|c| c.peer_credit() == 0);
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.peer_buf_alloc = h.buf_alloc;
-            c.peer_fwd_cnt = Wrapping(h.fwd_cnt);
-        }
-        let state = self.conns.get(&id).map(|c| c.state);
-        match (h.op, state) {
-            (OP_RESPONSE, Some(State::Connecting)) => self.established(id),
-            (OP_RW, Some(State::Established)) => self.guest_data(id, data),
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let was_stalled = c.peer_credit() == 0;
+        c.peer_update(&h);
+        match (h.op, c.state) {
+            (OP_RESPONSE, State::Connecting) => self.established(id),
+            (OP_RW, State::Established) => self.guest_data(id, data),
             (OP_CREDIT_UPDATE, _) => {}
-            (OP_CREDIT_REQUEST, Some(_)) => {
-                if let Some(c) = self.conns.get_mut(&id) {
-                    c.last_fwd_reported = c.fwd_cnt;
-                    let hdr = self.header(&self.conns[&id], OP_CREDIT_UPDATE);
-                    self.push_control(hdr);
-                }
+            (OP_CREDIT_REQUEST, _) => {
+                c.credit_reported();
+                self.push_op(id, OP_CREDIT_UPDATE);
             }
-            (OP_SHUTDOWN, Some(_)) => self.guest_shutdown(id, h.flags),
+            (OP_SHUTDOWN, _) => {
+                c.guest_shutdown(h.flags);
+                self.maybe_finish(id);
+            }
             (OP_RST, _) => self.remove(id),
             _ => {
                 inc(&self.metrics.bad_packets);
@@ -508,34 +373,25 @@ impl Muxer {
         let c = Connection::new(
             h.dst_port,
             h.src_port,
+            self.cid,
             stream,
             State::Established,
-            h.buf_alloc,
-            h.fwd_cnt,
+            h,
         );
-        let hdr = self.header(&c, OP_RESPONSE);
-        self.fd_changes.push(FdChange::Add(FdWatch {
-            fd: c.stream.as_raw_fd(),
-            token: token(id),
-            readable: true,
-            writable: false,
-        }));
+        self.add_watch(id, c.fd());
         self.by_ports.insert((c.local_port, c.peer_port), id);
         self.conns.insert(id, c);
         inc(&self.metrics.connections_opened);
-        self.push_control(hdr);
+        self.push_op(id, OP_RESPONSE);
     }
 
     fn established(&mut self, id: u32) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        let line = format!("OK {}\n", c.local_port);
-        if c.stream.write_all(line.as_bytes()).is_err() {
-            self.kill(id, "host stream refused the OK line");
-            return;
+        if let Err(b) = c.establish() {
+            return self.broken(id, b);
         }
-        c.state = State::Established;
         inc(&self.metrics.connections_opened);
         self.watch(id, true, false);
     }
@@ -544,71 +400,11 @@ impl Muxer {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        if data.is_empty() {
-            return;
+        if let Err(b) = c.from_guest(data) {
+            return self.broken(id, b);
         }
-        if c.pending.len() + data.len() > BUF_ALLOC as usize {
-            // The guest sent beyond the credit we gave it.
-            inc(&self.metrics.credit_violations);
-            self.kill(id, "guest sent beyond its credit");
-            return;
-        }
-        let mut written = 0;
-        if c.pending.is_empty() {
-            match c.stream.write(data) {
-                Ok(n) => written = n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    self.kill(id, "host stream write failed");
-                    return;
-                }
-            }
-        }
-        c.pending.extend(&data[written..]);
-        c.fwd_cnt += Wrapping(written as u32);
-        let out = !c.pending.is_empty();
-        let watch_in = c.watch_in;
-        self.watch(id, watch_in, out);
+        self.watch_pending(id);
         self.maybe_credit_update(id);
-    }
-
-    fn maybe_credit_update(&mut self, id: u32) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if (c.fwd_cnt - c.last_fwd_reported).0 >= BUF_ALLOC / 4 {
-            c.last_fwd_reported = c.fwd_cnt;
-            let h = self.header(&self.conns[&id], OP_CREDIT_UPDATE);
-            self.push_control(h);
-        }
-    }
-
-    fn guest_shutdown(&mut self, id: u32, flags: u32) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if flags & SHUTDOWN_RCV != 0 {
-            c.peer_no_recv = true;
-        }
-        if flags & SHUTDOWN_SEND != 0 {
-            c.peer_no_send = true;
-            if c.pending.is_empty() {
-                let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            } else {
-                // What the guest sent before closing still reaches the host.
-                c.shut_write_after_flush = true;
-            }
-        }
-        self.maybe_finish(id);
-    }
-
-    /// Ends a connection once neither side has anything left to say: the guest sends no more
-    /// and all it sent is flushed, and the host sends no more or the guest reads no more.
-    fn maybe_finish(&mut self, id: u32) {
-        let Some(c) = self.conns.get(&id) else { return };
-        if c.peer_no_send && c.pending.is_empty() && (c.host_eof || c.peer_no_recv) {
-            self.kill(id, "both sides finished");
-        }
     }
 
     // ---- host → guest ----
@@ -625,23 +421,26 @@ impl Muxer {
             self.handshake(id);
             return;
         }
-        if !self.conns.contains_key(&id) {
+        let Some(c) = self.conns.get_mut(&id) else {
             return;
-        }
+        };
         if hangup {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.host_hup = true;
-            }
+            c.host_hup = true;
         }
         if writable {
-            self.flush(id);
+            if let Err(b) = c.flush() {
+                return self.broken(id, b);
+            }
+            self.watch_pending(id);
+            self.maybe_credit_update(id);
+            self.maybe_finish(id);
         }
         if readable || hangup {
             // Stop watching until the data is delivered: level-triggered readiness would
             // otherwise wake the loop for as long as the guest has no buffers.
-            let out = self.conns.get(&id).is_some_and(|c| c.watch_out);
+            let out = self.conns.get(&id).is_some_and(|c| c.watching().1);
             self.watch(id, false, out);
-            if !self.ready.contains(&id) {
+            if self.conns.contains_key(&id) && !self.ready.contains(&id) {
                 self.ready.push_back(id);
             }
         }
@@ -658,12 +457,7 @@ impl Muxer {
                         continue;
                     }
                     let id = self.alloc_id();
-                    self.fd_changes.push(FdChange::Add(FdWatch {
-                        fd: stream.as_raw_fd(),
-                        token: token(id),
-                        readable: true,
-                        writable: false,
-                    }));
+                    self.add_watch(id, stream.as_raw_fd());
                     self.handshakes.insert(
                         id,
                         Handshake {
@@ -706,40 +500,20 @@ impl Muxer {
             return;
         };
         let local_port = self.alloc_local_port();
-        let c = Connection::new(local_port, port, hs.stream, State::Connecting, 0, 0);
-        let h = self.header(&c, OP_REQUEST);
+        let no_credit = Header::default();
+        let c = Connection::new(
+            local_port,
+            port,
+            self.cid,
+            hs.stream,
+            State::Connecting,
+            &no_credit,
+        );
         self.by_ports.insert((local_port, port), id);
         self.conns.insert(id, c);
         // Nothing is read from the host until the guest accepts.
         self.watch(id, false, false);
-        self.push_control(h);
-    }
-
-    fn flush(&mut self, id: u32) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        while !c.pending.is_empty() {
-            let (a, _) = c.pending.as_slices();
-            match c.stream.write(a) {
-                Ok(0) => break,
-                Ok(n) => {
-                    c.pending.drain(..n);
-                    c.fwd_cnt += Wrapping(n as u32);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => return self.kill(id, "host stream write failed"),
-            }
-        }
-        let done = c.pending.is_empty();
-        if done && c.shut_write_after_flush {
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-            c.shut_write_after_flush = false;
-        }
-        let watch_in = c.watch_in;
-        self.watch(id, watch_in, !done);
-        self.maybe_credit_update(id);
-        self.maybe_finish(id);
+        self.push_op(id, OP_REQUEST);
     }
 
     /// Fills one guest RX buffer; `None` when there is nothing to send after all.
@@ -755,14 +529,13 @@ impl Muxer {
             let Some(c) = self.conns.get_mut(&id) else {
                 continue;
             };
-            if c.state != State::Established || c.peer_no_recv || c.host_eof {
+            if !c.sends_to_guest() {
                 continue;
             }
             let credit = c.peer_credit();
             if credit == 0 {
                 // Stalled on the guest's credit: ask for an update; reading resumes on it.
-                let h = self.header(&self.conns[&id], OP_CREDIT_REQUEST);
-                h.store(pkt);
+                c.header(OP_CREDIT_REQUEST).store(pkt);
                 inc(&self.metrics.rx_packets);
                 return Some(HEADER_LEN);
             }
@@ -776,44 +549,36 @@ impl Muxer {
                 self.ready.push_front(id);
                 return None;
             };
-            match c.stream.read_volatile(&mut dst) {
-                Ok(0) => {
-                    // EOF: the host will send no more. It may still read (a half-close), so
-                    // only SEND is shut; if it closed entirely, the next write to it fails and
-                    // the connection is reset then.
-                    c.host_eof = true;
-                    let hup = c.host_hup;
-                    let mut h = self.header(&self.conns[&id], OP_SHUTDOWN);
-                    h.flags = SHUTDOWN_SEND | if hup { SHUTDOWN_RCV } else { 0 };
+            match c.read_for_guest(&mut dst) {
+                Ok(HostRead::Eof) => {
+                    // The host will send no more. It may still read (a half-close), so only
+                    // SEND is shut; if it closed entirely, the next write to it fails and the
+                    // connection is reset then.
+                    let mut h = c.header(OP_SHUTDOWN);
+                    h.flags = SHUTDOWN_SEND | if c.host_hup { SHUTDOWN_RCV } else { 0 };
                     h.store(pkt);
                     inc(&self.metrics.rx_packets);
                     self.maybe_finish(id);
                     return Some(HEADER_LEN);
                 }
-                Ok(n) => {
-                    c.rx_cnt += Wrapping(n as u32);
-                    c.last_fwd_reported = c.fwd_cnt;
-                    let mut h = self.header(&self.conns[&id], OP_RW);
-                    h.len = n as u32;
+                Ok(HostRead::Data(n)) => {
+                    let mut h = c.header(OP_RW);
+                    h.len = n;
                     h.store(pkt);
                     // There may be more; stay in line behind the others.
                     self.ready.push_back(id);
                     inc(&self.metrics.rx_packets);
-                    return Some(HEADER_LEN + n as u32);
+                    return Some(HEADER_LEN + n);
                 }
-                Err(e) if would_block(&e) => {
-                    let out = c.watch_out;
+                Ok(HostRead::WouldBlock) => {
+                    let out = c.watching().1;
                     self.watch(id, true, out);
                 }
                 // The host side failed: reset the connection (the RST goes out next).
-                Err(_) => self.kill(id, "host stream read failed"),
+                Err(b) => self.broken(id, b),
             }
         }
     }
-}
-
-fn would_block(e: &VolatileMemoryError) -> bool {
-    matches!(e, VolatileMemoryError::IOError(io) if io.kind() == ErrorKind::WouldBlock)
 }
 
 /// `CONNECT <port>` (trailing CR tolerated).

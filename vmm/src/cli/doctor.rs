@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
-use crate::compat::{self, RingProbe};
-use crate::images;
-use crate::vstate::vm;
+use vmrun::host::compat::{self, RingProbe};
+use vmrun::launch::images;
+use vmrun::vstate::vm;
 
 pub struct Report {
     pub kvm: Result<(), String>,

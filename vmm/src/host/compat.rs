@@ -5,13 +5,25 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use thiserror::Error;
+
+use super::testguest;
 use crate::arch::x86_64::gdt::CpuMode;
-use crate::builder::{Payload, StartError, VmConfig, Vmm};
+use crate::builder::{StartError, Vmm};
+use crate::config::{Payload, VmConfig};
 use crate::devices::legacy::serial::ConsoleSink;
-use crate::testguest;
+use crate::vstate::exit::ExitReason;
 
 /// Kernel command line the PVM variant needs (each entry explained in the file's comments).
-const PVM_CMDLINE_FILE: &str = include_str!("../../images/kernel/pvm/cmdline");
+const PVM_CMDLINE_FILE: &str = include_str!("../../../images/kernel/pvm/cmdline");
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error("the timing probe VM: {0}")]
+    Start(#[from] StartError),
+    #[error("the timing probe guest ended with {0:?} before it wrote two timestamps")]
+    NoSamples(Option<ExitReason>),
+}
 
 /// The PVM command line with comments and line breaks removed.
 pub fn pvm_cmdline() -> String {
@@ -42,7 +54,7 @@ impl RingProbe {
     }
 }
 
-fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, StartError> {
+fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, ProbeError> {
     let g = testguest::spin(iterations, mode);
     let vmm = Vmm::start(VmConfig {
         payload: Payload::Program {
@@ -54,6 +66,7 @@ fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, StartError> {
         console: ConsoleSink::None,
         disks: vec![],
         vsock: None,
+        probes: true,
     })?;
     let reason = vmm.wait(Some(Duration::from_secs(20)));
     let s = vmm.probe_samples();
@@ -61,15 +74,12 @@ fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, StartError> {
         (Some(_), [(t0, _), (t1, _), ..]) => {
             Ok(t1.duration_since(*t0).as_nanos() as f64 / f64::from(iterations))
         }
-        (r, _) => Err(StartError::Kernel {
-            path: "<timing probe>".into(),
-            msg: format!("probe guest ended with {r:?}"),
-        }),
+        (r, _) => Err(ProbeError::NoSamples(r)),
     }
 }
 
 /// Runs both loops (a few tens of ms in all).
-pub fn probe() -> Result<RingProbe, StartError> {
+pub fn probe() -> Result<RingProbe, ProbeError> {
     Ok(RingProbe {
         ring0_ns_per_iter: time_loop(RING0_ITERS, CpuMode::Long64)?,
         ring3_ns_per_iter: time_loop(RING3_ITERS, CpuMode::User64)?,
@@ -89,7 +99,7 @@ pub fn ring0_emulated() -> Result<bool, String> {
 }
 
 /// Which guest kernel variant and command line to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compat {
     /// Probe the host: PVM variant when ring 0 is emulated.
     #[default]
@@ -101,12 +111,39 @@ pub enum Compat {
 }
 
 impl Compat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compat::Auto => "auto",
+            Compat::Pvm => "pvm",
+            Compat::Off => "off",
+        }
+    }
+
     pub fn resolve(self) -> Result<bool, String> {
         match self {
             Compat::Auto => ring0_emulated(),
             Compat::Pvm => Ok(true),
             Compat::Off => Ok(false),
         }
+    }
+}
+
+impl std::str::FromStr for Compat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Compat::Auto),
+            "pvm" => Ok(Compat::Pvm),
+            "off" => Ok(Compat::Off),
+            _ => Err(format!("{s:?}: use auto, pvm or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

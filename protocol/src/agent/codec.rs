@@ -2,7 +2,7 @@
 //! byte strings as u32 length + bytes, options as a presence byte. Decoding never trusts a
 //! length: every read is checked against what is left of the (already size-capped) frame.
 
-use crate::agent::ProtoError;
+use super::frame::ProtoError;
 
 #[derive(Default)]
 pub struct Enc(pub Vec<u8>);

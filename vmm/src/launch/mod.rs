@@ -1,17 +1,26 @@
-//! From what a user asks for (CLI flags or library options) to a `VmConfig`: which kernel,
-//! initramfs and disks, the overlay choice and the kernel command line. One place, so the CLI
-//! and the library cannot disagree.
+//! From what a user asks for to what the VMM builds: [`VmOptions`] (the one option set that
+//! the CLI's flags, the library's builder and the VMM process's command line all carry) is
+//! resolved against the environment and the built images into a [`Resolved`] launch, which
+//! becomes a [`VmConfig`]. One place, so the CLI and the library cannot disagree.
 
+pub mod cmdline;
+pub mod images;
+pub mod overlay;
+
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use thiserror::Error;
 use vmrun_protocol::cmdline::EXEC;
 
-use crate::builder::{BootProtocol, DiskConfig, Payload, VmConfig, VsockConfig};
-use crate::compat::Compat;
+use crate::config::{BootProtocol, DiskConfig, Payload, VmConfig, VsockConfig};
 use crate::devices::legacy::serial::ConsoleSink;
-use crate::images;
-use crate::overlay::{self, Overlay, OverlayError, OverlayRequest};
+use crate::host::compat::Compat;
+use overlay::{Overlay, OverlayError};
+
+/// Guest memory unless asked otherwise: room for a shell, package tools and a tmpfs upper
+/// (half of RAM by default) without tuning.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
 
 /// The root filesystem disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -24,17 +33,22 @@ pub enum Rootfs {
     Path(PathBuf),
 }
 
-#[derive(Clone, Debug)]
-pub struct LaunchOptions {
+/// Everything a user can ask of a VM. `None` and `Default` fields are decided at
+/// [`resolve`] time from the environment and the built images.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmOptions {
+    /// Default: `VMRUN_KERNEL`, else the built kernel for this kind of host.
     pub kernel: Option<PathBuf>,
+    /// Default: `VMRUN_INITRAMFS`, else the built initramfs.
     pub initrd: Option<PathBuf>,
     pub rootfs: Rootfs,
-    pub overlay: OverlayRequest,
+    /// The upper layer; `None`: `GONDOLIN_ROOT_OVERLAY` decides (else no overlay).
+    pub overlay: Option<Overlay>,
     /// More disks after the rootfs and the overlay disk.
     pub disks: Vec<DiskConfig>,
-    /// A command for vmrun-init to run as the workload (until the agent runs it).
+    /// A command for vmrun-init to run as the workload (instead of the agent).
     pub exec: Option<String>,
-    /// Extra kernel parameters, appended last.
+    /// Extra kernel parameters, appended last (an explicit `root.overlay=` wins).
     pub cmdline: Option<String>,
     pub memory_mib: u64,
     pub vcpus: u8,
@@ -42,23 +56,26 @@ pub struct LaunchOptions {
     pub boot_protocol: BootProtocol,
     /// A vsock device and its host socket.
     pub vsock: Option<VsockConfig>,
+    /// Keep the guest console in this file.
+    pub console_log: Option<PathBuf>,
 }
 
-impl Default for LaunchOptions {
+impl Default for VmOptions {
     fn default() -> Self {
-        LaunchOptions {
+        VmOptions {
             kernel: None,
             initrd: None,
             rootfs: Rootfs::Default,
-            overlay: OverlayRequest::default(),
+            overlay: None,
             disks: vec![],
             exec: None,
             cmdline: None,
-            memory_mib: 256,
+            memory_mib: DEFAULT_MEMORY_MIB,
             vcpus: 1,
             compat: Compat::Auto,
             boot_protocol: BootProtocol::Auto,
             vsock: None,
+            console_log: None,
         }
     }
 }
@@ -77,8 +94,8 @@ pub enum LaunchError {
     ExecQuote(String),
     #[error("cannot probe this host's KVM: {0}")]
     Probe(String),
-    #[error("{0}")]
-    Cmdline(String),
+    #[error(transparent)]
+    Cmdline(#[from] cmdline::CmdlineError),
 }
 
 /// What a launch resolves to, before the VM exists.
@@ -93,17 +110,13 @@ pub struct Resolved {
 }
 
 /// Resolves `opts`; `env_overlay` is the value of `GONDOLIN_ROOT_OVERLAY`.
-pub fn resolve(opts: &LaunchOptions, env_overlay: Option<&str>) -> Result<Resolved, LaunchError> {
+pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, LaunchError> {
     let user = opts.cmdline.as_deref().unwrap_or("");
-    let overlay = overlay::resolve(&opts.overlay, env_overlay, user)?;
+    let overlay = overlay::resolve(opts.overlay.as_ref(), env_overlay, user)?;
     let rootfs = match &opts.rootfs {
         Rootfs::None => None,
         Rootfs::Path(p) => Some(p.clone()),
-        Rootfs::Default => Some(
-            std::env::var_os("VMRUN_ROOTFS")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| images::cache_dir().join(images::ROOTFS_EXT4)),
-        ),
+        Rootfs::Default => Some(images::default_rootfs()),
     };
     let mut disks = Vec::new();
     let mut ours = Vec::new();
@@ -144,8 +157,7 @@ pub fn resolve(opts: &LaunchOptions, env_overlay: Option<&str>) -> Result<Resolv
         ours.push(format!("{EXEC}=\"{e}\""));
     }
     let pvm = opts.compat.resolve().map_err(LaunchError::Probe)?;
-    let cmdline = crate::cmdline::assemble(&ours, opts.cmdline.as_deref(), pvm)
-        .map_err(LaunchError::Cmdline)?;
+    let cmdline = cmdline::assemble(&ours, opts.cmdline.as_deref(), pvm)?;
     Ok(Resolved {
         pvm,
         overlay,
@@ -163,7 +175,7 @@ pub fn resolve(opts: &LaunchOptions, env_overlay: Option<&str>) -> Result<Resolv
 }
 
 impl Resolved {
-    pub fn into_config(self, opts: &LaunchOptions, console: ConsoleSink) -> VmConfig {
+    pub fn into_config(self, opts: &VmOptions, console: ConsoleSink) -> VmConfig {
         VmConfig {
             payload: Payload::Linux {
                 kernel: self.kernel,
@@ -176,7 +188,90 @@ impl Resolved {
             console,
             disks: self.disks,
             vsock: opts.vsock.clone(),
+            probes: false,
         }
+    }
+}
+
+impl VmOptions {
+    /// These options with every decision `resolve` made written in: the images, the root
+    /// disk, the overlay and the kernel variant. A VMM started from them neither reads the
+    /// environment nor probes the host again.
+    pub fn pinned(&self, r: &Resolved) -> VmOptions {
+        VmOptions {
+            kernel: Some(r.kernel.clone()),
+            initrd: Some(r.initrd.clone()),
+            rootfs: match &self.rootfs {
+                Rootfs::Default => r
+                    .disks
+                    .first()
+                    .map_or(Rootfs::None, |d| Rootfs::Path(d.path.clone())),
+                other => other.clone(),
+            },
+            overlay: Some(r.overlay.clone()),
+            compat: if r.pvm { Compat::Pvm } else { Compat::Off },
+            ..self.clone()
+        }
+    }
+
+    /// The `vmrun boot` arguments that carry these options (what the library spawns the VMM
+    /// process with). The CLI parses them back into the same options.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: OsString| {
+            a.push(format!("--{name}").into());
+            a.push(value);
+        };
+        if let Some(k) = &self.kernel {
+            flag("kernel", k.into());
+        }
+        if let Some(i) = &self.initrd {
+            flag("initrd", i.into());
+        }
+        match &self.rootfs {
+            Rootfs::Default => {}
+            Rootfs::None => flag("rootfs", "none".into()),
+            Rootfs::Path(p) => flag("rootfs", p.into()),
+        }
+        match &self.overlay {
+            None => {}
+            Some(Overlay::None) => flag("overlay", "none".into()),
+            Some(Overlay::Tmpfs { size }) => {
+                flag("overlay", "tmpfs".into());
+                if let Some(s) = size {
+                    flag("overlay-size", s.into());
+                }
+            }
+            Some(Overlay::Disk { path, fstype }) => {
+                flag("overlay", path.into());
+                flag("overlay-fstype", fstype.into());
+            }
+        }
+        for d in &self.disks {
+            let mut v: OsString = d.path.clone().into();
+            if d.read_only {
+                v.push(",ro");
+            }
+            flag("disk", v);
+        }
+        if let Some(e) = &self.exec {
+            flag("exec", e.into());
+        }
+        if let Some(c) = &self.cmdline {
+            flag("cmdline", c.into());
+        }
+        flag("memory", self.memory_mib.to_string().into());
+        flag("cpus", self.vcpus.to_string().into());
+        flag("compat", self.compat.as_str().into());
+        flag("boot-protocol", self.boot_protocol.as_str().into());
+        if let Some(v) = &self.vsock {
+            flag("vsock", v.uds_path.clone().into());
+            flag("vsock-cid", v.cid.to_string().into());
+        }
+        if let Some(l) = &self.console_log {
+            flag("console-log", l.into());
+        }
+        a
     }
 }
 
@@ -184,8 +279,8 @@ impl Resolved {
 mod tests {
     use super::*;
 
-    fn opts(rootfs: &tempfile::NamedTempFile) -> LaunchOptions {
-        LaunchOptions {
+    fn opts(rootfs: &tempfile::NamedTempFile) -> VmOptions {
+        VmOptions {
             rootfs: Rootfs::Path(rootfs.path().into()),
             compat: Compat::Off,
             ..Default::default()
@@ -197,7 +292,10 @@ mod tests {
         let root = tempfile::NamedTempFile::new().unwrap();
         let upper = tempfile::NamedTempFile::new().unwrap();
         let mut o = opts(&root);
-        o.overlay.overlay = Some(upper.path().to_str().unwrap().into());
+        o.overlay = Some(Overlay::Disk {
+            path: upper.path().into(),
+            fstype: "ext4".into(),
+        });
         let r = resolve(&o, None).unwrap();
         assert_eq!(
             r.disks,
@@ -230,8 +328,9 @@ mod tests {
             .contains("root.overlay=tmpfs"));
         assert!(!resolve(&o, None).unwrap().cmdline.contains("root.overlay"));
         let mut flagged = opts(&root);
-        flagged.overlay.overlay = Some("tmpfs".into());
-        flagged.overlay.size = Some("64M".into());
+        flagged.overlay = Some(Overlay::Tmpfs {
+            size: Some("64M".into()),
+        });
         let c = resolve(&flagged, Some("0")).unwrap().cmdline;
         assert!(c.contains("root.overlay=tmpfs root.overlaysize=64M"), "{c}");
         let mut user = opts(&root);
@@ -243,6 +342,13 @@ mod tests {
             "only the user's: {c}"
         );
         assert!(c.ends_with("root.overlay=tmpfs root.overlaysize=8M"));
+        // An explicit "no overlay" beats the toggle.
+        let mut none = opts(&root);
+        none.overlay = Some(Overlay::None);
+        assert!(!resolve(&none, Some("1"))
+            .unwrap()
+            .cmdline
+            .contains("root.overlay"));
     }
 
     #[test]
@@ -256,7 +362,7 @@ mod tests {
             .contains("vmrun.exec=\"/bin/sh -c 'exit 3'\""));
         o.exec = Some("echo \"hi\"".into());
         assert!(matches!(resolve(&o, None), Err(LaunchError::ExecQuote(_))));
-        let none = LaunchOptions {
+        let none = VmOptions {
             rootfs: Rootfs::None,
             compat: Compat::Off,
             ..Default::default()
@@ -267,7 +373,7 @@ mod tests {
             resolve(&none, Some("1")),
             Err(LaunchError::OverlayWithoutRoot)
         ));
-        let missing = LaunchOptions {
+        let missing = VmOptions {
             rootfs: Rootfs::Path("/nonexistent/root.ext4".into()),
             compat: Compat::Off,
             ..Default::default()
@@ -277,5 +383,23 @@ mod tests {
             e.contains("/nonexistent/root.ext4") && e.contains("vmrun images build"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pinned_options_resolve_to_the_same_launch_without_the_environment() {
+        let root = tempfile::NamedTempFile::new().unwrap();
+        let o = VmOptions {
+            rootfs: Rootfs::Path(root.path().into()),
+            compat: Compat::Off,
+            cmdline: Some("quiet".into()),
+            ..Default::default()
+        };
+        let r = resolve(&o, Some("tmpfs")).unwrap();
+        let p = o.pinned(&r);
+        assert_eq!(p.overlay, Some(Overlay::Tmpfs { size: None }));
+        assert_eq!(p.kernel.as_deref(), Some(r.kernel.as_path()));
+        // Without the toggle now, the pinned options give the same command line and disks.
+        let again = resolve(&p, None).unwrap();
+        assert_eq!((again.cmdline, again.disks), (r.cmdline, r.disks));
     }
 }

@@ -1,12 +1,5 @@
-//! `vmrun bench`: what vmrun costs, as median and p99 over repeated runs. Host-side figures
-//! (VMM start, the agent over its host transport, the vsock device model) are measured on any
-//! host; guest figures only where the host runs guest ring 0 at speed, since elsewhere they
-//! would measure KVM's instruction emulator.
-
-mod agent;
-mod guest;
-mod vmm;
-mod vsock;
+//! The bench's table: rows of samples, their median and p99, the goal each should meet, and
+//! how they print.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -25,7 +18,7 @@ pub enum BenchError {
 }
 
 impl BenchError {
-    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
         let what = what.into();
         move |source| BenchError::Io { what, source }
     }
@@ -39,7 +32,7 @@ pub struct Scale {
 
 impl Scale {
     /// Repetitions: `full` normally, `quick` with `--quick`.
-    fn reps(&self, full: usize, quick: usize) -> usize {
+    pub fn reps(&self, full: usize, quick: usize) -> usize {
         if self.quick {
             quick
         } else {
@@ -96,7 +89,7 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(name: impl Into<String>, unit: &'static str, goal: Goal) -> Row {
+    pub fn new(name: impl Into<String>, unit: &'static str, goal: Goal) -> Row {
         Row {
             name: name.into(),
             unit,
@@ -107,7 +100,7 @@ impl Row {
     }
 
     /// Samples in the row's unit.
-    fn samples(mut self, v: &[f64]) -> Row {
+    pub fn samples(mut self, v: &[f64]) -> Row {
         self.result = if self.higher_is_better {
             // The p99 of a rate is its slow tail: take it over the inverted samples.
             let inv: Vec<f64> = v.iter().map(|x| -x).collect();
@@ -124,7 +117,7 @@ impl Row {
         self
     }
 
-    fn absent(mut self, why: impl Into<String>) -> Row {
+    pub fn absent(mut self, why: impl Into<String>) -> Row {
         self.result = Err(why.into());
         self
     }
@@ -141,7 +134,7 @@ impl Row {
 }
 
 /// Throughput in MiB/s of `bytes` moved in `d`.
-fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64().max(1e-9)
 }
 
@@ -199,44 +192,6 @@ pub fn render(header: &str, rows: &[Row]) -> String {
         }
     }
     out
-}
-
-/// The host's KVM, for the header: what the guest figures (if any) measure.
-fn kvm_kind() -> (String, bool) {
-    match crate::compat::probe() {
-        Ok(p) if p.ring0_emulated() => (
-            format!(
-                "nested PVM-style KVM: guest ring 0 emulated ({:.0} ns per ring-0 loop iteration, {:.2} ns in ring 3)",
-                p.ring0_ns_per_iter, p.ring3_ns_per_iter
-            ),
-            false,
-        ),
-        Ok(p) => (
-            format!(
-                "hardware-assisted KVM: guest ring 0 at speed ({:.2} ns per ring-0 loop iteration)",
-                p.ring0_ns_per_iter
-            ),
-            true,
-        ),
-        Err(e) => (format!("KVM unavailable ({e})"), false),
-    }
-}
-
-/// Runs every row and prints the table; `guest` forces the in-VM rows on a host that
-/// emulates ring 0 (they are then labelled as emulator figures).
-pub fn run(scale: Scale, guest: bool) -> String {
-    let (kind, at_speed) = kvm_kind();
-    let header = format!(
-        "vmrun bench{} — host KVM: {kind}\n(median and p99 over n runs; throughput p99 is the slow tail)",
-        if scale.quick { " --quick" } else { "" }
-    );
-    eprintln!("{header}");
-    let mut rows = Vec::new();
-    rows.extend(vmm::rows(scale));
-    rows.extend(agent::rows(scale));
-    rows.extend(vsock::rows(scale));
-    rows.extend(guest::rows(scale, at_speed, guest));
-    render(&header, &rows)
 }
 
 #[cfg(test)]

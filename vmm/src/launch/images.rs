@@ -36,6 +36,13 @@ pub fn default_initramfs() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join(INITRAMFS))
 }
 
+/// The default root filesystem: `VMRUN_ROOTFS`, else the cached ext4 build.
+pub fn default_rootfs() -> PathBuf {
+    std::env::var_os("VMRUN_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join(ROOTFS_EXT4))
+}
+
 /// Every image with whether it is present.
 pub fn inventory() -> Vec<(&'static str, PathBuf, bool)> {
     let dir = cache_dir();

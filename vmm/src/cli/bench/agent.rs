@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use vmrun_protocol::agent::Exec;
 
-use super::{mib_per_s, BenchError, Goal, Row, Scale};
-use crate::api::agent::{AgentClient, Endpoint};
+use super::table::{mib_per_s, BenchError, Goal, Row, Scale};
+use vmrun::api::agent::{AgentClient, Endpoint};
 
 const MIB: u64 = 1 << 20;
 
@@ -36,7 +36,7 @@ fn agent_binary(scratch: &Path) -> Result<PathBuf, BenchError> {
     {
         return Ok(p);
     }
-    let initramfs = crate::images::default_initramfs();
+    let initramfs = vmrun::launch::images::default_initramfs();
     let cpio = std::fs::read(&initramfs).map_err(|e| {
         BenchError::Setup(format!(
             "no vmrun-agent binary: set VMRUN_AGENT_BIN, build it beside vmrun (cargo build --release -p vmrun-agent), or build the images (vmrun images build); reading {}: {e}",

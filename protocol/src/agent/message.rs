@@ -1,151 +1,9 @@
-//! The vmrun agent wire protocol, spoken over one stream per operation (a vsock connection to
-//! guest port [`PORT`] in a VM, a Unix socket in host tests).
-//!
-//! # Framing
-//! Every frame is `len: u32 LE` (bytes after this field), `kind: u8`, then `len - 1` payload
-//! bytes. `len` is checked against [`MAX_FRAME`] before anything is allocated; a frame over the
-//! cap, a truncated frame or an unknown kind ends the connection with an error.
-//! Bulk data (file bytes, stdin/stdout/stderr, tar) travels as raw payloads of `DATA`,
-//! `STDOUT`, `STDERR` frames, at most [`CHUNK`] bytes each.
-//!
-//! # Order
-//! 1. Client: `HELLO` (payload: version u32). Agent: `HELLO_OK` (its version) or `ERROR`
-//!    (`Version`) and close.
-//! 2. Client: `REQUEST` (a [`Request`]). Then, by request:
-//!    - `Exec`: agent `STARTED` (pid u32) or `ERROR` (`Spawn`, with errno). Then the client may
-//!      send `DATA` (stdin), `EOF` (close stdin), `RESIZE` (rows u16, cols u16), `SIGNAL`
-//!      (signal i32); the agent sends `STDOUT`/`STDERR` as output is produced, then `EXIT`
-//!      ([`ExitStatus`]) and closes. Output produced before the child exits is drained; a
-//!      grandchild that keeps the pipes open does not hold back `EXIT`. A client that goes away
-//!      gets the process group killed.
-//!    - `Upload`: agent `OK` (ready) or `ERROR`; client `DATA`… `EOF`; agent `OK` (payload: bytes
-//!      written u64) or `ERROR`. Written to a temporary name in the target directory and renamed
-//!      into place, so a failed or abandoned upload leaves nothing behind.
-//!    - `Download`: agent `REPLY` (`Reply::File { size, mode }`) or `ERROR`; then `DATA`… `EOF`.
-//!    - `Capture`: agent syncs, then `DATA`… (a tar stream of the upper layer) `EOF`, or `ERROR`.
-//!    - `Stat`, `List`, `Mkdir`, `Remove`: agent `REPLY` or `OK`, or `ERROR`.
-//!    - `Shutdown`: agent `OK`, then syncs and powers the VM off.
-//!
-//! Every message type below documents its encoding through `encode`/`decode` (see `codec`).
+//! The typed messages: requests, replies, exit statuses and errors, each with its encoding.
 
-use std::io::{self, Read, Write};
+use std::io;
 
-use crate::codec::{Dec, Enc};
-
-pub const VERSION: u32 = 1;
-/// The vsock port the agent listens on.
-pub const PORT: u32 = 1024;
-/// Largest frame (kind + payload) accepted.
-pub const MAX_FRAME: usize = 1 << 20;
-/// Size of the bulk data frames senders produce.
-pub const CHUNK: usize = 256 << 10;
-
-pub mod kind {
-    pub const HELLO: u8 = 1;
-    pub const HELLO_OK: u8 = 2;
-    pub const REQUEST: u8 = 3;
-    pub const DATA: u8 = 4;
-    pub const EOF: u8 = 5;
-    pub const STDOUT: u8 = 6;
-    pub const STDERR: u8 = 7;
-    pub const RESIZE: u8 = 8;
-    pub const SIGNAL: u8 = 9;
-    pub const STARTED: u8 = 10;
-    pub const EXIT: u8 = 11;
-    pub const ERROR: u8 = 12;
-    pub const OK: u8 = 13;
-    pub const REPLY: u8 = 14;
-    pub const LAST: u8 = REPLY;
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProtoError {
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
-    #[error("frame is truncated")]
-    Truncated,
-    #[error("unknown frame kind {0}")]
-    UnknownKind(u8),
-    #[error("invalid message: {0}")]
-    Invalid(String),
-    #[error("unexpected frame kind {got}, expected {want}")]
-    Unexpected { got: u8, want: &'static str },
-    #[error("protocol version {0} is not supported (this side speaks {VERSION})")]
-    Version(u32),
-}
-
-/// Writes one frame.
-pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> {
-    let len = payload.len() + 1;
-    if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("frame of {len} bytes is over the {MAX_FRAME}-byte limit"),
-        ));
-    }
-    let mut head = [0u8; 5];
-    head[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    head[4] = kind;
-    // Header and payload in one system call where the writer takes both.
-    let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Reads one frame into `buf` (reused) and returns its kind. `Ok(None)` is a clean end of
-/// stream before a frame started.
-pub fn read_frame<R: Read + ?Sized>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<Option<u8>, ProtoError> {
-    let mut head = [0u8; 5];
-    let mut got = 0;
-    while got < head.len() {
-        match r.read(&mut head[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(ProtoError::Truncated),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtoError::TooLarge(len));
-    }
-    if len == 0 {
-        return Err(ProtoError::Invalid("empty frame".into()));
-    }
-    let kind = head[4];
-    if kind == 0 || kind > kind::LAST {
-        return Err(ProtoError::UnknownKind(kind));
-    }
-    // Reused without zeroing what read_exact overwrites anyway: a memset of every payload
-    // cost as much as the copy itself.
-    if buf.len() < len - 1 {
-        buf.resize(len - 1, 0);
-    } else {
-        buf.truncate(len - 1);
-    }
-    r.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtoError::Truncated
-        } else {
-            e.into()
-        }
-    })?;
-    Ok(Some(kind))
-}
+use super::codec::{Dec, Enc};
+use super::frame::ProtoError;
 
 /// A command to run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -577,6 +435,7 @@ impl Request {
 
 #[cfg(test)]
 mod fuzz {
+    use super::super::frame::{read_frame, MAX_FRAME};
     use super::*;
     use proptest::prelude::*;
 
@@ -697,53 +556,6 @@ mod tests {
         assert_eq!(ErrorInfo::decode(&e.encode()).unwrap(), e);
         assert_eq!(ErrorKind::from_errno(28), ErrorKind::NoSpace);
         assert_eq!(ErrorKind::from_errno(2), ErrorKind::NotFound);
-    }
-
-    #[test]
-    fn frames_round_trip_and_hostile_bytes_are_errors() {
-        let mut wire = Vec::new();
-        write_frame(&mut wire, kind::DATA, b"hello").unwrap();
-        write_frame(&mut wire, kind::EOF, b"").unwrap();
-        let mut r = &wire[..];
-        let mut buf = Vec::new();
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Some(kind::DATA));
-        assert_eq!(buf, b"hello");
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Some(kind::EOF));
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), None);
-
-        // Over the cap: refused before any allocation.
-        let mut big = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();
-        big.push(kind::DATA);
-        assert!(matches!(
-            read_frame(&mut &big[..], &mut buf),
-            Err(ProtoError::TooLarge(_))
-        ));
-        let mut huge = u32::MAX.to_le_bytes().to_vec();
-        huge.push(kind::DATA);
-        assert!(matches!(
-            read_frame(&mut &huge[..], &mut buf),
-            Err(ProtoError::TooLarge(_))
-        ));
-        // Truncated header and body.
-        assert!(matches!(
-            read_frame(&mut &[5u8, 0, 0][..], &mut buf),
-            Err(ProtoError::Truncated)
-        ));
-        assert!(matches!(
-            read_frame(&mut &[9u8, 0, 0, 0, kind::DATA, 1, 2][..], &mut buf),
-            Err(ProtoError::Truncated)
-        ));
-        // Unknown kind, empty frame.
-        assert!(matches!(
-            read_frame(&mut &[1u8, 0, 0, 0, 99][..], &mut buf),
-            Err(ProtoError::UnknownKind(99))
-        ));
-        assert!(matches!(
-            read_frame(&mut &[0u8, 0, 0, 0, 1][..], &mut buf),
-            Err(ProtoError::Invalid(_))
-        ));
-        // A writer refuses to produce an over-cap frame.
-        assert!(write_frame(&mut Vec::new(), kind::DATA, &vec![0; MAX_FRAME]).is_err());
     }
 
     #[test]

@@ -11,12 +11,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{mib_per_s, BenchError, Goal, Row, Scale};
-use crate::devices::virtio::vsock::muxer::{
-    Header, HEADER_LEN, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM,
+use super::table::{mib_per_s, BenchError, Goal, Row, Scale};
+use vmrun::devices::virtio::vsock::packet::{
+    Header, HEADER_LEN, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM,
 };
-use crate::devices::virtio::vsock::{Vsock, HOST_CID, TXQ};
-use crate::devices::virtio::{FdChange, Interrupt, VirtioDevice};
+use vmrun::devices::virtio::vsock::{Vsock, TXQ};
+use vmrun::devices::virtio::{FdChange, Interrupt, VirtioDevice};
 
 const CID: u64 = 3;
 const GUEST_PORT: u32 = 1024;

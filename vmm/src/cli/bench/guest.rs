@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use super::{mib_per_s, Goal, Row, Scale};
-use crate::api::vm::{Overlay, Vm};
+use super::table::{mib_per_s, Goal, Row, Scale};
+use vmrun::api::vm::{Overlay, Vm};
 
 pub fn rows(scale: Scale, at_speed: bool, forced: bool) -> Vec<Row> {
     let label = if at_speed { "" } else { " [ring 0 emulated]" };

@@ -4,8 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{BenchError, Goal, Row, Scale};
-use crate::vstate::vcpu::monotonic_ns;
+use super::table::{BenchError, Goal, Row, Scale};
+use vmrun::vstate::vcpu::monotonic_ns;
 
 /// Guest memory of the probe VM: large enough that the RSS row would show it if it leaked in.
 const PROBE_MEM_MIB: u64 = 128;

@@ -1,9 +1,9 @@
 //! The overlay root, host side: which upper layer a VM gets from `--overlay`, `--overlay-size`,
-//! `--overlay-fstype` and `GONDOLIN_ROOT_OVERLAY`, the kernel parameters that carry the choice
-//! to vmrun-init, and `vmrun overlay create`.
+//! `--overlay-fstype` (or the library's [`Overlay`]) and `GONDOLIN_ROOT_OVERLAY`, the kernel
+//! parameters that carry the choice to vmrun-init, and `vmrun overlay create`.
 //!
 //! Precedence: an explicit `root.overlay=` in the user's `--cmdline` wins over everything; then
-//! the flags; then the environment toggle; else no overlay.
+//! the chosen overlay (flags or library); then the environment toggle; else no overlay.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,14 +19,18 @@ pub const ENV_TOGGLE: &str = "GONDOLIN_ROOT_OVERLAY";
 pub const UPPER_DEVICE: &str = "/dev/vdb";
 const DEFAULT_FSTYPE: &str = "ext4";
 
+/// The upper layer of the overlay root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Overlay {
+    /// No overlay: the root disk mounted directly, read-only.
     None,
+    /// Writes go to a tmpfs (optionally size-limited, e.g. "256M" or "50%").
     Tmpfs { size: Option<String> },
+    /// Writes go to a disk image (see `vmrun overlay create`), which persists across VMs.
     Disk { path: PathBuf, fstype: String },
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum OverlayError {
     #[error("--overlay-size {0}: {1}")]
     Size(String, String),
@@ -34,6 +38,8 @@ pub enum OverlayError {
     SizeWithDisk(PathBuf),
     #[error("--overlay-fstype needs a disk upper (--overlay PATH); a tmpfs upper has no fstype")]
     FstypeWithoutDisk,
+    #[error("--overlay-size {0} with --overlay none: drop one of them")]
+    SizeWithoutOverlay(String),
     #[error("--overlay-fstype {0}: not a filesystem type name (e.g. ext4)")]
     Fstype(String),
     #[error("--overlay {0}: no such file; create one with `vmrun overlay create {0} --size 1G`")]
@@ -42,15 +48,6 @@ pub enum OverlayError {
     Env(String),
     #[error("overlay disk {path}: {msg}")]
     Create { path: PathBuf, msg: String },
-}
-
-/// What the user asked for on the command line or through the library.
-#[derive(Clone, Debug, Default)]
-pub struct OverlayRequest {
-    /// `tmpfs` or a path to a disk image.
-    pub overlay: Option<String>,
-    pub size: Option<String>,
-    pub fstype: Option<String>,
 }
 
 fn valid_fstype(s: &str) -> bool {
@@ -79,49 +76,82 @@ pub fn cmdline_sets_overlay(user_cmdline: &str) -> bool {
         .any(|w| w.trim_matches('"').starts_with(&format!("{ROOT_OVERLAY}=")))
 }
 
-/// Resolves the request against the toggle (`env` is the toggle's value) and the user's
-/// command line.
+impl Overlay {
+    /// The overlay the three flags choose (`--overlay tmpfs|none|PATH`, `--overlay-size`,
+    /// `--overlay-fstype`); `None` when they choose nothing. A size alone means a tmpfs
+    /// overlay of that size.
+    pub fn from_flags(
+        overlay: Option<&Path>,
+        size: Option<&str>,
+        fstype: Option<&str>,
+    ) -> Result<Option<Overlay>, OverlayError> {
+        let size = size.map(str::to_string);
+        let word = overlay.and_then(Path::to_str);
+        Ok(match (overlay, word) {
+            (Some(_), Some(w)) if w.eq_ignore_ascii_case("tmpfs") => {
+                if fstype.is_some() {
+                    return Err(OverlayError::FstypeWithoutDisk);
+                }
+                Some(Overlay::Tmpfs { size })
+            }
+            (Some(_), Some(w)) if w.eq_ignore_ascii_case("none") => {
+                if let Some(s) = size {
+                    return Err(OverlayError::SizeWithoutOverlay(s));
+                }
+                if fstype.is_some() {
+                    return Err(OverlayError::FstypeWithoutDisk);
+                }
+                Some(Overlay::None)
+            }
+            (Some(path), _) => {
+                if size.is_some() {
+                    return Err(OverlayError::SizeWithDisk(path.into()));
+                }
+                Some(Overlay::Disk {
+                    path: path.into(),
+                    fstype: fstype.unwrap_or(DEFAULT_FSTYPE).into(),
+                })
+            }
+            (None, _) if fstype.is_some() => return Err(OverlayError::FstypeWithoutDisk),
+            (None, _) if size.is_some() => Some(Overlay::Tmpfs { size }),
+            (None, _) => None,
+        })
+    }
+
+    /// Refuses what vmrun-init would refuse later, and a disk that is not there.
+    fn check(&self) -> Result<(), OverlayError> {
+        match self {
+            Overlay::None => Ok(()),
+            Overlay::Tmpfs { size } => match size {
+                Some(s) => validate_size(s).map_err(|why| OverlayError::Size(s.clone(), why)),
+                None => Ok(()),
+            },
+            Overlay::Disk { path, fstype } => {
+                if !valid_fstype(fstype) {
+                    return Err(OverlayError::Fstype(fstype.clone()));
+                }
+                if !path.exists() {
+                    return Err(OverlayError::MissingDisk(path.clone()));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves the chosen overlay against the toggle (`env` is the toggle's value) and the
+/// user's command line.
 pub fn resolve(
-    req: &OverlayRequest,
+    chosen: Option<&Overlay>,
     env: Option<&str>,
     user_cmdline: &str,
 ) -> Result<Overlay, OverlayError> {
-    if let Some(s) = &req.size {
-        validate_size(s).map_err(|why| OverlayError::Size(s.clone(), why))?;
-    }
-    if let Some(t) = &req.fstype {
-        if !valid_fstype(t) {
-            return Err(OverlayError::Fstype(t.clone()));
-        }
+    if let Some(o) = chosen {
+        o.check()?;
     }
     let on_env = env_toggle(env)?;
-    let wanted = match req.overlay.as_deref() {
-        Some(v) if v.eq_ignore_ascii_case("tmpfs") => {
-            if req.fstype.is_some() {
-                return Err(OverlayError::FstypeWithoutDisk);
-            }
-            Overlay::Tmpfs {
-                size: req.size.clone(),
-            }
-        }
-        Some(path) => {
-            let path = PathBuf::from(path);
-            if req.size.is_some() {
-                return Err(OverlayError::SizeWithDisk(path));
-            }
-            if !path.exists() {
-                return Err(OverlayError::MissingDisk(path));
-            }
-            Overlay::Disk {
-                path,
-                fstype: req.fstype.clone().unwrap_or_else(|| DEFAULT_FSTYPE.into()),
-            }
-        }
-        None if req.fstype.is_some() => return Err(OverlayError::FstypeWithoutDisk),
-        // A size alone means a tmpfs overlay of that size.
-        None if req.size.is_some() => Overlay::Tmpfs {
-            size: req.size.clone(),
-        },
+    let wanted = match chosen {
+        Some(o) => o.clone(),
         None if on_env => Overlay::Tmpfs { size: None },
         None => Overlay::None,
     };
@@ -211,12 +241,23 @@ pub fn create_disk(path: &Path, size: &str, fstype: &str) -> Result<(), OverlayE
 mod tests {
     use super::*;
 
-    fn req(overlay: Option<&str>, size: Option<&str>, fstype: Option<&str>) -> OverlayRequest {
-        OverlayRequest {
-            overlay: overlay.map(Into::into),
-            size: size.map(Into::into),
-            fstype: fstype.map(Into::into),
-        }
+    /// The flags, as the CLI passes them.
+    fn req(
+        overlay: Option<&str>,
+        size: Option<&str>,
+        fstype: Option<&str>,
+    ) -> Result<Option<Overlay>, OverlayError> {
+        Overlay::from_flags(overlay.map(Path::new), size, fstype)
+    }
+
+    /// The flags resolved against the toggle and the user's command line.
+    fn resolve(
+        req: &Result<Option<Overlay>, OverlayError>,
+        env: Option<&str>,
+        user: &str,
+    ) -> Result<Overlay, OverlayError> {
+        let chosen = req.clone()?;
+        super::resolve(chosen.as_ref(), env, user)
     }
 
     #[test]
@@ -317,6 +358,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, OverlayError::Fstype(_)));
+    }
+
+    #[test]
+    fn none_is_an_explicit_choice_that_beats_the_toggle() {
+        assert_eq!(req(Some("none"), None, None), Ok(Some(Overlay::None)));
+        assert_eq!(
+            resolve(&req(Some("NONE"), None, None), Some("1"), ""),
+            Ok(Overlay::None)
+        );
+        assert!(matches!(
+            req(Some("none"), Some("1G"), None),
+            Err(OverlayError::SizeWithoutOverlay(_))
+        ));
+        assert_eq!(
+            req(Some("none"), None, Some("ext4")),
+            Err(OverlayError::FstypeWithoutDisk)
+        );
+        assert_eq!(req(None, None, None), Ok(None));
     }
 
     #[test]

@@ -5,8 +5,7 @@
 use vmrun_protocol::status::Status;
 
 use crate::arch::x86_64::gdt::CpuMode;
-use crate::arch::x86_64::layout::{I8042_PORT, SERIAL_PORT, STATUS_PORT};
-use crate::builder::{PROBE_MMIO, PROBE_PORT};
+use crate::arch::x86_64::layout::{I8042_PORT, PROBE_MMIO, PROBE_PORT, SERIAL_PORT, STATUS_PORT};
 
 /// A small x86-64 assembler for the handful of instructions these programs use.
 #[derive(Default)]
@@ -208,44 +207,10 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodings() {
-        assert_eq!(
-            Asm::default().mov_dx(0x3f8).bytes(),
-            [0x66, 0xba, 0xf8, 0x03]
-        );
-        assert_eq!(
-            Asm::default().mov_ecx(5).spin_ecx().bytes(),
-            [0xb9, 5, 0, 0, 0, 0xff, 0xc9, 0x75, 0xfc]
-        );
-        assert_eq!(
-            Asm::default().store_abs(0x3000_0000, 7).bytes(),
-            [0xc7, 0x04, 0x25, 0, 0, 0, 0x30, 7, 0, 0, 0]
-        );
-        let r = Asm::default().report(Status::Exited(3)).bytes();
-        assert_eq!(&r[4..8], &[0x66, 0xb8, 0, 3]);
-        assert_eq!(&r[r.len() - 2..], &[0xeb, 0xfe]);
-    }
-
-    #[test]
-    fn names() {
-        assert!(by_name("hello").is_some());
-        assert_eq!(
-            by_name("status-42").unwrap().code,
-            status(Status::Exited(42)).code
-        );
-        assert!(by_name("status-300").is_none());
-        assert!(by_name("nope").is_none());
-    }
-}
-
 /// Kernel images around a test program, to exercise each boot entry path of the loader.
 pub mod images {
     use super::Asm;
+    use crate::arch::x86_64::layout::PROBE_PORT;
     use vmrun_protocol::status::Status;
 
     /// Where the ELF images load their one segment.
@@ -256,7 +221,7 @@ pub mod images {
     /// instructions that encode the same in 32-bit and 64-bit mode, so it serves every entry.
     pub fn program(msg: &str, status: Status) -> Vec<u8> {
         Asm::default()
-            .mov_dx(crate::builder::PROBE_PORT)
+            .mov_dx(PROBE_PORT)
             .mov_eax_ebx()
             .out_eax()
             .mov_eax_esi()
@@ -331,5 +296,40 @@ pub mod images {
         }
         f.extend_from_slice(code);
         f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodings() {
+        assert_eq!(
+            Asm::default().mov_dx(0x3f8).bytes(),
+            [0x66, 0xba, 0xf8, 0x03]
+        );
+        assert_eq!(
+            Asm::default().mov_ecx(5).spin_ecx().bytes(),
+            [0xb9, 5, 0, 0, 0, 0xff, 0xc9, 0x75, 0xfc]
+        );
+        assert_eq!(
+            Asm::default().store_abs(0x3000_0000, 7).bytes(),
+            [0xc7, 0x04, 0x25, 0, 0, 0, 0x30, 7, 0, 0, 0]
+        );
+        let r = Asm::default().report(Status::Exited(3)).bytes();
+        assert_eq!(&r[4..8], &[0x66, 0xb8, 0, 3]);
+        assert_eq!(&r[r.len() - 2..], &[0xeb, 0xfe]);
+    }
+
+    #[test]
+    fn names() {
+        assert!(by_name("hello").is_some());
+        assert_eq!(
+            by_name("status-42").unwrap().code,
+            status(Status::Exited(42)).code
+        );
+        assert!(by_name("status-300").is_none());
+        assert!(by_name("nope").is_none());
     }
 }

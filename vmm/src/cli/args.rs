@@ -1,0 +1,246 @@
+//! The VM options on the command line: one [`VmArgs`], flattened into every command that starts
+//! a VM, and its one conversion into the library's [`VmOptions`]. `vmrun boot` adds what only
+//! the VMM process takes ([`BootArgs`]); the library spawns it with `VmOptions::to_args`, and
+//! the round-trip test below keeps the two in step.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use vmrun::api::{BootProtocol, Compat, DiskConfig, Overlay, Rootfs, VmOptions};
+use vmrun::config::{VsockConfig, DEFAULT_CID};
+use vmrun::launch::overlay::OverlayError;
+use vmrun::launch::DEFAULT_MEMORY_MIB;
+
+/// Options every command that starts a VM shares.
+#[derive(clap::Args, Clone, Debug)]
+pub struct VmArgs {
+    /// Kernel image (ELF vmlinux or bzImage). Default: VMRUN_KERNEL, else the built image for
+    /// this host.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio). Default: VMRUN_INITRAMFS, else the built vmrun initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Root filesystem image, attached read-only as /dev/vda; `none` for no root disk.
+    /// Default: VMRUN_ROOTFS, else the built ext4 image.
+    #[arg(long, value_name = "PATH|none")]
+    rootfs: Option<PathBuf>,
+    /// Overlay root: `tmpfs`, an upper disk image (see `vmrun overlay create`), or `none` (a
+    /// read-only root whatever GONDOLIN_ROOT_OVERLAY says). Without it,
+    /// GONDOLIN_ROOT_OVERLAY=1|true|tmpfs turns on the tmpfs overlay.
+    #[arg(long, value_name = "tmpfs|none|PATH")]
+    overlay: Option<PathBuf>,
+    /// Size of a tmpfs upper layer, e.g. 256M or 50% (implies --overlay tmpfs).
+    #[arg(long)]
+    overlay_size: Option<String>,
+    /// Filesystem of a disk upper layer (default ext4).
+    #[arg(long)]
+    overlay_fstype: Option<String>,
+    /// Another disk, PATH or PATH,ro (repeatable); after the rootfs and the overlay disk.
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<PathBuf>,
+    /// Extra kernel command-line parameters, appended after vmrun's own (an explicit
+    /// root.overlay= here wins over --overlay and GONDOLIN_ROOT_OVERLAY).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Keep the guest console in this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Compatibility variant for hosts that emulate guest ring 0: auto, pvm or off.
+    #[arg(long, default_value_t = Compat::Auto)]
+    compat: Compat,
+    /// Entry protocol for ELF kernels: auto, pvh or linux64.
+    #[arg(long, default_value_t = BootProtocol::Auto)]
+    boot_protocol: BootProtocol,
+    /// Print the kernel, disks and kernel command line the VM would get, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `vmrun boot`: the VM options and what only a VM without the agent takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BootArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// A command for the init to run in the new root; its exit status becomes vmrun's.
+    #[arg(long)]
+    exec: Option<String>,
+    /// Give up after this many seconds (0: wait forever).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+    /// Give the guest a vsock device whose host side is this Unix socket (connect, send
+    /// `CONNECT <port>\n`, read `OK <port>\n`); guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = DEFAULT_CID)]
+    vsock_cid: u64,
+}
+
+/// `PATH,ro` → (PATH, read-only).
+fn disk(arg: &Path) -> DiskConfig {
+    let bytes = arg.as_os_str().as_bytes();
+    match bytes.strip_suffix(b",ro") {
+        Some(p) => DiskConfig {
+            path: PathBuf::from(OsString::from_vec(p.to_vec())),
+            read_only: true,
+        },
+        None => DiskConfig {
+            path: arg.to_path_buf(),
+            read_only: false,
+        },
+    }
+}
+
+impl VmArgs {
+    /// The options these flags ask for; a combination that makes no sense is an error.
+    pub fn options(&self) -> Result<VmOptions, OverlayError> {
+        Ok(VmOptions {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            rootfs: match &self.rootfs {
+                None => Rootfs::Default,
+                Some(p) if p.as_os_str() == "none" => Rootfs::None,
+                Some(p) => Rootfs::Path(p.clone()),
+            },
+            overlay: Overlay::from_flags(
+                self.overlay.as_deref(),
+                self.overlay_size.as_deref(),
+                self.overlay_fstype.as_deref(),
+            )?,
+            disks: self.disks.iter().map(|d| disk(d)).collect(),
+            exec: None,
+            cmdline: self.cmdline.clone(),
+            memory_mib: self.memory,
+            vcpus: self.cpus,
+            compat: self.compat,
+            boot_protocol: self.boot_protocol,
+            vsock: None,
+            console_log: self.console_log.clone(),
+        })
+    }
+}
+
+impl BootArgs {
+    pub fn options(&self) -> Result<VmOptions, OverlayError> {
+        Ok(VmOptions {
+            exec: self.exec.clone(),
+            vsock: self.vsock.clone().map(|uds_path| VsockConfig {
+                cid: self.vsock_cid,
+                uds_path,
+            }),
+            ..self.vm.options()?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Boot {
+        #[command(flatten)]
+        args: BootArgs,
+    }
+
+    fn parse(args: Vec<OsString>) -> VmOptions {
+        let argv = std::iter::once(OsString::from("vmrun-boot")).chain(args);
+        Boot::try_parse_from(argv).unwrap().args.options().unwrap()
+    }
+
+    /// What the library puts on the VMM's command line is what the VMM reads back.
+    #[test]
+    fn options_survive_the_vmm_command_line() {
+        let samples = vec![
+            VmOptions::default(),
+            VmOptions {
+                kernel: Some("/k/vmlinux".into()),
+                initrd: Some("/i/initramfs.cpio".into()),
+                rootfs: Rootfs::None,
+                overlay: Some(Overlay::None),
+                memory_mib: 128,
+                vcpus: 4,
+                compat: Compat::Pvm,
+                boot_protocol: BootProtocol::Linux64,
+                exec: Some("/bin/sh -c 'exit 3'".into()),
+                ..Default::default()
+            },
+            VmOptions {
+                rootfs: Rootfs::Path("/images/root fs.ext4".into()),
+                overlay: Some(Overlay::Tmpfs {
+                    size: Some("50%".into()),
+                }),
+                disks: vec![
+                    DiskConfig {
+                        path: "/d/a.img".into(),
+                        read_only: true,
+                    },
+                    DiskConfig {
+                        path: "/d/b,rw.img".into(),
+                        read_only: false,
+                    },
+                ],
+                cmdline: Some("quiet root.overlaysize=8M --not-a-flag".into()),
+                compat: Compat::Off,
+                vsock: Some(VsockConfig {
+                    cid: 7,
+                    uds_path: "/run/v.sock".into(),
+                }),
+                console_log: Some("/tmp/console.log".into()),
+                ..Default::default()
+            },
+            VmOptions {
+                // Paths need not be UTF-8.
+                rootfs: Rootfs::Path(PathBuf::from(OsString::from_vec(b"/img/\xffroot".to_vec()))),
+                overlay: Some(Overlay::Disk {
+                    path: "/u/upper.ext4".into(),
+                    fstype: "xfs".into(),
+                }),
+                ..Default::default()
+            },
+            VmOptions {
+                overlay: Some(Overlay::Tmpfs { size: None }),
+                ..Default::default()
+            },
+        ];
+        for o in samples {
+            assert_eq!(parse(o.to_args()), o);
+        }
+    }
+
+    #[test]
+    fn one_default_memory_size_everywhere() {
+        assert_eq!(parse(vec![]).memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(VmOptions::default().memory_mib, DEFAULT_MEMORY_MIB);
+    }
+
+    #[test]
+    fn flag_combinations_that_make_no_sense_are_errors() {
+        let bad = |flags: &[&str]| {
+            let argv = std::iter::once("vmrun-boot").chain(flags.iter().copied());
+            Boot::try_parse_from(argv)
+                .unwrap()
+                .args
+                .options()
+                .unwrap_err()
+        };
+        assert_eq!(
+            bad(&["--overlay", "tmpfs", "--overlay-fstype", "ext4"]),
+            OverlayError::FstypeWithoutDisk
+        );
+        assert!(matches!(
+            bad(&["--overlay", "/u.img", "--overlay-size", "1G"]),
+            OverlayError::SizeWithDisk(_)
+        ));
+        assert!(Boot::try_parse_from(["vmrun-boot", "--compat", "maybe"]).is_err());
+    }
+}

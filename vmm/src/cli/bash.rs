@@ -1,0 +1,189 @@
+//! `vmrun bash`: an interactive shell on a PTY in a fresh VM. The terminal goes raw for the
+//! session and is restored on every way out, a kill from outside included; window resizes and
+//! Ctrl-C reach the guest.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use vmrun::api::agent::Event;
+use vmrun_protocol::agent::Exec;
+
+use super::args::VmArgs;
+use super::boot::{exit_code, launcher_error, EXIT_LAUNCHER};
+use super::vm::{builder, dry_run, status_code};
+
+static WINCH: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_winch(_: libc::c_int) {
+    WINCH.store(true, Ordering::SeqCst);
+}
+
+/// The terminal as it was before raw mode, for the termination handler to put back at once.
+static SAVED_TERMIOS: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+/// SIGTERM, SIGHUP or SIGQUIT received: the shell is hung up and the VM shut down in order.
+static TERM_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_term(sig: libc::c_int) {
+    TERM_SIGNAL.store(sig, Ordering::SeqCst);
+    if let Some(t) = SAVED_TERMIOS.get() {
+        // SAFETY: tcsetattr is async-signal-safe; `t` was fully written before the handler
+        // was installed.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
+    }
+}
+
+fn window_size() -> (u16, u16) {
+    // SAFETY: TIOCGWINSZ writes one winsize through the valid pointer.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0 {
+            (ws.ws_row, ws.ws_col)
+        } else {
+            (24, 80)
+        }
+    }
+}
+
+/// Puts the terminal in raw mode and restores it when dropped (every exit path, panics too).
+struct RawTerminal(libc::termios);
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with termios values we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            let _ = SAVED_TERMIOS.set(saved);
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            Some(RawTerminal(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restoring the attributes saved from fd 0.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
+    }
+}
+
+/// `vmrun bash`: an interactive shell on a PTY in a fresh VM.
+pub fn bash(vm_args: &VmArgs) -> ExitCode {
+    let builder = match builder(vm_args) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    if vm_args.dry_run {
+        return dry_run(&builder);
+    }
+    if !std::io::stdin().is_terminal() {
+        return launcher_error(
+            "vmrun bash needs a terminal; use `vmrun exec -- bash -c '…'` otherwise",
+        );
+    }
+    eprintln!("vmrun: starting a VM…");
+    let vm = match builder.start() {
+        Ok(vm) => vm,
+        Err(e) => return launcher_error(e),
+    };
+    let (rows, cols) = window_size();
+    let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into());
+    let exec = Exec {
+        argv: vec!["/bin/bash".into(), "-l".into()],
+        env: vec![("TERM".into(), term)],
+        pty: Some((rows, cols)),
+        stdin: true,
+        cwd: Some("/root".into()),
+        ..Default::default()
+    };
+    let mut p = match vm.spawn(exec) {
+        Ok(p) => p,
+        Err(e) => return launcher_error(e),
+    };
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t) };
+    let raw = RawTerminal::enter();
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: the handler only stores to an atomic and calls tcsetattr.
+        unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
+    }
+    let input = p.input();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut hung_up: Option<std::time::Instant> = None;
+        loop {
+            // Killed from outside: hang the shell up like a closed terminal would, and
+            // insist if it lingers; the main loop then sees it exit and cleans up.
+            if TERM_SIGNAL.load(Ordering::SeqCst) != 0 {
+                match hung_up {
+                    None => {
+                        let _ = input.signal(libc::SIGHUP);
+                        hung_up = Some(std::time::Instant::now());
+                    }
+                    Some(t) if t.elapsed() > Duration::from_secs(2) => {
+                        let _ = input.signal(libc::SIGKILL);
+                        return;
+                    }
+                    Some(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            if WINCH.swap(false, Ordering::SeqCst) {
+                let (r, c) = window_size();
+                let _ = input.resize(r, c);
+            }
+            let mut pfd = libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if ready <= 0 {
+                continue;
+            }
+            // SAFETY: reading into our buffer from fd 0.
+            let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                let _ = input.close_stdin();
+                return;
+            }
+            if input.write_stdin(&buf[..n as usize]).is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = std::io::stdout();
+    let mut status = EXIT_LAUNCHER;
+    loop {
+        match p.next_event() {
+            Ok(Some(Event::Stdout(b))) | Ok(Some(Event::Stderr(b))) => {
+                let _ = out.write_all(&b);
+                let _ = out.flush();
+            }
+            Ok(Some(Event::Exit(s))) => {
+                status = status_code(s);
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                drop(raw);
+                return launcher_error(e);
+            }
+        }
+    }
+    drop(raw);
+    let _ = vm.shutdown();
+    std::thread::sleep(Duration::from_millis(10));
+    match TERM_SIGNAL.load(Ordering::SeqCst) {
+        0 => exit_code(status),
+        sig => exit_code(128 + sig),
+    }
+}

@@ -1,0 +1,245 @@
+//! The `vmrun` command line: argument parsing and the exit-code policy live here, outside the
+//! library; each command is a thin layer over `vmrun::api` or the VMM's builder.
+
+mod args;
+mod bash;
+mod bench;
+mod boot;
+mod doctor;
+mod vm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use args::{BootArgs, VmArgs};
+use boot::{exit_code, EXIT_LAUNCHER};
+use vmrun::launch::images;
+
+#[derive(Parser)]
+#[command(
+    name = "vmrun",
+    version,
+    about = "Run Linux microVMs on KVM with an overlay root"
+)]
+pub struct Cli {
+    /// More logging on stderr (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel and initramfs and exit with the guest's status.
+    Boot(Box<BootArgs>),
+    /// An interactive shell in a fresh VM (PTY, resize, Ctrl-C to the guest); exits with the
+    /// shell's status.
+    Bash {
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Run one command in a fresh VM: stdout and stderr kept apart, its exit code returned
+    /// (125 launcher error, 126 cannot execute, 127 not found, 128+N killed by signal N).
+    Exec {
+        #[command(flatten)]
+        vm: VmArgs,
+        #[command(flatten)]
+        cmd: vm::CmdArgs,
+    },
+    /// Like exec, with files uploaded first and the overlay captured after (with --upload or
+    /// --capture and no overlay chosen, a tmpfs overlay is used).
+    Run {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Upload a host file before the command (repeatable).
+        #[arg(long, value_name = "SRC:DST")]
+        upload: Vec<String>,
+        /// Write a tar of everything the guest wrote (the overlay upper layer) here.
+        #[arg(long, value_name = "OUT.tar")]
+        capture: Option<PathBuf>,
+        #[command(flatten)]
+        cmd: vm::CmdArgs,
+    },
+    /// Check this host: KVM, guest ring-0 speed, images, runnable test tiers.
+    Doctor,
+    /// Measure what vmrun costs: VMM start and memory, the agent over its host transport
+    /// (exec, upload, download, capture beside GNU tar), the vsock device model, and guest
+    /// figures where this host runs guest ring 0 at speed. Prints median and p99 per row.
+    Bench {
+        /// Smaller sizes and fewer repetitions (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Measure inside a VM even where guest ring 0 is emulated (labelled as such).
+        #[arg(long)]
+        guest: bool,
+    },
+    /// Manage upper-layer disks for `--overlay PATH`.
+    Overlay {
+        #[command(subcommand)]
+        action: OverlayAction,
+    },
+    /// Build or list the guest images.
+    Images {
+        #[command(subcommand)]
+        action: ImagesAction,
+    },
+    /// Print `pvm` when this host emulates guest ring 0, else `hw` (used by the image scripts).
+    #[command(hide = true)]
+    HostKind,
+    /// Run one of the built-in test guests (used by the test suite).
+    #[command(hide = true)]
+    TestGuest {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        cpus: u8,
+        /// Print the CLOCK_MONOTONIC time of the first KVM_RUN on stderr.
+        #[arg(long)]
+        timing: bool,
+        /// Attach a vsock device with its host socket here.
+        #[arg(long)]
+        vsock: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 32)]
+        memory: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum OverlayAction {
+    /// Create a blank upper disk: a sparse image formatted with a filesystem (never overwrites).
+    Create {
+        path: PathBuf,
+        /// Size with an optional k, m or g suffix, e.g. 1G.
+        #[arg(long)]
+        size: String,
+        /// Filesystem for the disk.
+        #[arg(long, default_value = "ext4")]
+        fstype: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesAction {
+    /// Build kernel (hardware and PVM variants), rootfs and initramfs into the cache.
+    Build {
+        /// Build only these (kernel, rootfs, initramfs); all when omitted.
+        only: Vec<String>,
+    },
+    /// List the images and where they are.
+    Ls,
+}
+
+struct StderrLogger(log::LevelFilter);
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("vmrun: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    if log::set_boxed_logger(Box::new(StderrLogger(level))).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Boot(args) => boot::boot(&args),
+        Command::Bash { vm } => bash::bash(&vm),
+        Command::Exec { vm, cmd } => vm::run(&vm, &cmd, &[], None),
+        Command::Run {
+            vm,
+            upload,
+            capture,
+            cmd,
+        } => vm::run(&vm, &cmd, &upload, capture.as_ref()),
+        Command::Doctor => {
+            print!("{}", doctor::Report::gather().render());
+            ExitCode::SUCCESS
+        }
+        Command::Images {
+            action: ImagesAction::Ls,
+        } => {
+            for (name, path, ok) in images::inventory() {
+                println!(
+                    "{:<16} {:<8} {}",
+                    name,
+                    if ok { "built" } else { "missing" },
+                    path.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Images {
+            action: ImagesAction::Build { only },
+        } => {
+            let script = images::scripts_dir().join("build-images.sh");
+            match std::process::Command::new("bash")
+                .arg(&script)
+                .args(&only)
+                .status()
+            {
+                Ok(s) => exit_code(s.code().unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("vmrun: cannot run {}: {e}", script.display());
+                    exit_code(EXIT_LAUNCHER)
+                }
+            }
+        }
+        Command::TestGuest {
+            name,
+            cpus,
+            timing,
+            vsock,
+            memory,
+        } => boot::test_guest(&name, cpus, vsock, memory, timing),
+        Command::Overlay {
+            action: OverlayAction::Create { path, size, fstype },
+        } => match vmrun::launch::overlay::create_disk(&path, &size, &fstype) {
+            Ok(()) => {
+                println!(
+                    "{}: {size} {fstype} upper disk; use it with --overlay {}",
+                    path.display(),
+                    path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmrun: {e}");
+                exit_code(EXIT_LAUNCHER)
+            }
+        },
+        Command::Bench { quick, guest } => {
+            print!("{}", bench::run(bench::Scale { quick }, guest));
+            ExitCode::SUCCESS
+        }
+        Command::HostKind => match vmrun::host::compat::ring0_emulated() {
+            Ok(pvm) => {
+                println!("{}", if pvm { "pvm" } else { "hw" });
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmrun: cannot probe this host's KVM: {e}");
+                exit_code(EXIT_LAUNCHER)
+            }
+        },
+    }
+}
