@@ -3,6 +3,7 @@
 //! concurrently: exec, upload, download, stat, list, mkdir, remove, capture of the overlay's
 //! upper layer, shutdown. The wire protocol is `vmrun_protocol::agent`.
 
+pub mod archive;
 pub mod capture;
 pub mod config;
 pub mod error;

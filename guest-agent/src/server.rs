@@ -12,7 +12,7 @@ use vmrun_protocol::agent::{
 
 use crate::config::Config;
 use crate::error::resource_error;
-use crate::{capture, exec, files};
+use crate::{archive, capture, exec, files};
 
 /// Where connections come from.
 pub enum Listener {
@@ -38,9 +38,11 @@ impl Listener {
         a.svm_cid = libc::VMADDR_CID_ANY;
         let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
         // SAFETY: a is a valid sockaddr_vm of `len` bytes; fd is ours.
-        if unsafe { libc::bind(fd, (&a as *const libc::sockaddr_vm).cast(), len) } != 0
-            || unsafe { libc::listen(fd, 64) } != 0
-        {
+        if unsafe { libc::bind(fd, (&a as *const libc::sockaddr_vm).cast(), len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: listen(2) on the socket we own; no memory is involved.
+        if unsafe { libc::listen(fd, 64) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(Listener::Vsock(owned))
@@ -180,6 +182,8 @@ pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
             files::remove(cfg, &path, recursive).and_then(|()| reply(s, None))
         }
         Request::Capture => capture::run(s, cfg),
+        Request::ArchiveOut { path } => archive::out(s, cfg, &path),
+        Request::ArchiveIn { path } => archive::r#in(s, cfg, &path, &mut buf),
         Request::Shutdown => {
             // SAFETY: sync has no preconditions.
             unsafe { libc::sync() };

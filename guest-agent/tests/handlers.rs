@@ -385,3 +385,58 @@ fn bad_handshakes_are_errors_and_shutdown_ends_the_server() {
     assert_eq!(c.frame(), Some(kind::OK));
     assert!(c.finish());
 }
+
+#[test]
+fn archives_go_out_and_come_back_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    std::fs::create_dir_all(dir.path().join("src/sub")).unwrap();
+    std::fs::write(dir.path().join("src/a.txt"), b"aaa").unwrap();
+    std::fs::write(dir.path().join("src/sub/b.txt"), b"bb").unwrap();
+    std::os::unix::fs::symlink("a.txt", dir.path().join("src/link")).unwrap();
+
+    let mut c = Conn::open(
+        &cfg,
+        &Request::ArchiveOut {
+            path: "/src".into(),
+        },
+    );
+    let mut tar = Vec::new();
+    let mut buf = Vec::new();
+    DataReader::new(&mut c.s, &mut buf)
+        .copy_to(&mut tar)
+        .unwrap();
+    c.finish();
+
+    // Back in, under another directory: the tree arrives whole, the link as a link.
+    let mut c = Conn::open(
+        &cfg,
+        &Request::ArchiveIn {
+            path: "/dst/deep".into(),
+        },
+    );
+    assert_eq!(c.frame(), Some(kind::OK));
+    let mut w = DataWriter::new(c.s.try_clone().unwrap());
+    w.write_all(&tar).unwrap();
+    w.finish().unwrap();
+    assert_eq!(c.frame(), Some(kind::OK));
+    let entries = u64::from_le_bytes(c.buf[..8].try_into().unwrap());
+    let bytes = u64::from_le_bytes(c.buf[8..16].try_into().unwrap());
+    c.finish();
+    assert_eq!((entries, bytes), (5, 5), "src, a.txt, link, sub, b.txt");
+    let out = dir.path().join("dst/deep/src");
+    assert_eq!(std::fs::read(out.join("sub/b.txt")).unwrap(), b"bb");
+    assert_eq!(
+        std::fs::read_link(out.join("link")).unwrap(),
+        Path::new("a.txt")
+    );
+
+    let mut c = Conn::open(
+        &cfg,
+        &Request::ArchiveOut {
+            path: "/missing".into(),
+        },
+    );
+    assert_eq!(c.error().kind, ErrorKind::NotFound);
+    c.finish();
+}

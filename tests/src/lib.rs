@@ -171,6 +171,27 @@ impl Budget {
     }
 }
 
+/// What vmrun may leave on the host: `vmrun-*` entries of the temporary directory and the
+/// VM directories of the runtime directory. A test compares it before and after.
+pub fn host_leftovers() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(std::env::temp_dir())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("vmrun-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Ok(rd) = std::fs::read_dir(vmrun::runtime::runtime_dir().join("vms")) {
+        v.extend(
+            rd.filter_map(|e| e.ok())
+                .map(|e| format!("runtime:{}", e.file_name().to_string_lossy())),
+        );
+    }
+    v.sort();
+    v
+}
+
 /// Watches the console for marker strings and records when each first appeared.
 pub struct StageClock {
     start: Instant,

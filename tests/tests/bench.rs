@@ -14,7 +14,7 @@ fn quick_bench_measures_every_host_row() {
         eprintln!("skipped: no /dev/kvm (the VMM rows need it)");
         return;
     }
-    let bin = vmrun::api::vm::vmm_binary().expect("the vmrun binary is built");
+    let bin = vmrun::api::builder::vmm_binary().expect("the vmrun binary is built");
     let out = Command::new(bin)
         .args(["bench", "--quick"])
         .output()

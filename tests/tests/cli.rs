@@ -9,8 +9,8 @@ use std::time::Duration;
 use vmrun_tests::{t4_images, t4_rootfs, Budget};
 
 fn vmrun() -> Command {
-    let bin =
-        vmrun::api::vm::vmm_binary().expect("the vmrun binary is built (cargo test --workspace)");
+    let bin = vmrun::api::builder::vmm_binary()
+        .expect("the vmrun binary is built (cargo test --workspace)");
     let mut c = Command::new(bin);
     c.env_remove("GONDOLIN_ROOT_OVERLAY");
     c
@@ -210,7 +210,7 @@ fn bash_in_a_real_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let status = dir.path().join("status");
     let session = format!("vmrun-test-{}", std::process::id());
-    let bin = vmrun::api::vm::vmm_binary().unwrap();
+    let bin = vmrun::api::builder::vmm_binary().unwrap();
     let cmd = format!(
         "GONDOLIN_ROOT_OVERLAY=1 {} bash; echo $? > {}; sleep 60",
         bin.display(),
@@ -278,7 +278,7 @@ fn bash_killed_from_outside_restores_the_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let (status, stty) = (dir.path().join("status"), dir.path().join("stty"));
     let session = format!("vmrun-kill-{}", std::process::id());
-    let bin = vmrun::api::vm::vmm_binary().unwrap();
+    let bin = vmrun::api::builder::vmm_binary().unwrap();
     let bin = bin.to_str().unwrap();
     let cmd = format!(
         "GONDOLIN_ROOT_OVERLAY=1 {bin} bash; echo $? > {}; stty -a > {}; sleep 60",

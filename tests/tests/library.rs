@@ -25,12 +25,7 @@ fn vmrun_processes() -> usize {
 }
 
 fn vmrun_temp_dirs() -> Vec<String> {
-    std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("vmrun-"))
-        .collect()
+    vmrun_tests::host_leftovers()
 }
 
 #[test]

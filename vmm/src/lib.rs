@@ -24,4 +24,6 @@ pub mod launch;
 #[doc(hidden)]
 pub mod outcome;
 #[doc(hidden)]
+pub mod runtime;
+#[doc(hidden)]
 pub mod vstate;

@@ -56,6 +56,14 @@ pub enum Request {
     },
     Capture,
     Shutdown,
+    /// A file or directory tree as a tar (entries named from the path's last component).
+    ArchiveOut {
+        path: String,
+    },
+    /// A tar the client sends, unpacked into the directory `path` (made with its parents).
+    ArchiveIn {
+        path: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,6 +372,12 @@ impl Request {
             Request::Shutdown => {
                 e.u8(8);
             }
+            Request::ArchiveOut { path } => {
+                e.u8(9).str(path);
+            }
+            Request::ArchiveIn { path } => {
+                e.u8(10).str(path);
+            }
         }
         e.0
     }
@@ -426,6 +440,8 @@ impl Request {
             },
             7 => Request::Capture,
             8 => Request::Shutdown,
+            9 => Request::ArchiveOut { path: d.str()? },
+            10 => Request::ArchiveIn { path: d.str()? },
             t => return Err(ProtoError::Invalid(format!("request tag {t}"))),
         };
         d.finish()?;
@@ -511,6 +527,12 @@ mod tests {
             },
             Request::Capture,
             Request::Shutdown,
+            Request::ArchiveOut {
+                path: "/etc".into(),
+            },
+            Request::ArchiveIn {
+                path: "/work/in".into(),
+            },
         ]
     }
 

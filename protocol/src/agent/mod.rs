@@ -23,6 +23,11 @@
 //!      into place, so a failed or abandoned upload leaves nothing behind.
 //!    - `Download`: agent `REPLY` (`Reply::File { size, mode }`) or `ERROR`; then `DATA`… `EOF`.
 //!    - `Capture`: agent syncs, then `DATA`… (a tar stream of the upper layer) `EOF`, or `ERROR`.
+//!    - `ArchiveOut`: `DATA`… (a tar of the file or tree, entries named from its last path
+//!      component, symlinks not followed) `EOF`, or `ERROR`.
+//!    - `ArchiveIn`: agent `OK` (the target directory exists, made with its parents) or
+//!      `ERROR`; client `DATA`… (a tar) `EOF`; agent `OK` (payload: entries u64, file bytes u64)
+//!      or `ERROR`. Entries that would land outside the directory are refused.
 //!    - `Stat`, `List`, `Mkdir`, `Remove`: agent `REPLY` or `OK`, or `ERROR`.
 //!    - `Shutdown`: agent `OK`, then syncs and powers the VM off.
 //!

@@ -394,6 +394,54 @@ impl AgentClient {
         copy_data(&mut s, &mut buf, &mut dst)
     }
 
+    /// Streams a tar of a guest file or tree into `dst` (entries named from the path's last
+    /// component). Returns its size.
+    pub fn archive_out(&self, path: &str, mut dst: impl Write) -> Result<u64, AgentError> {
+        let (mut s, mut buf) = self.open(&Request::ArchiveOut { path: path.into() })?;
+        copy_data(&mut s, &mut buf, &mut dst)
+    }
+
+    /// Unpacks the tar that `fill` writes into the guest directory `path` (made with its
+    /// parents). Returns (entries, file bytes) as the agent counted them.
+    pub fn archive_in(
+        &self,
+        path: &str,
+        fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(u64, u64), AgentError> {
+        let (mut s, mut buf) = self.open(&Request::ArchiveIn { path: path.into() })?;
+        let k = read_frame(&mut s, &mut buf)?;
+        expect(k, kind::OK, "OK", &buf)?;
+        let mut w = io::BufWriter::with_capacity(CHUNK, DataWriter::new(&mut s));
+        let sent = fill(&mut w).and_then(|()| w.flush());
+        if let Err(e) = sent {
+            // The agent may have refused an entry and stopped reading: its error is better.
+            drop(w);
+            return Err(match read_frame(&mut s, &mut buf) {
+                Ok(Some(kind::ERROR)) => AgentError::Remote(ErrorInfo::decode(&buf)?),
+                _ => AgentError::Local {
+                    what: "archive source",
+                    source: e,
+                },
+            });
+        }
+        let w = w
+            .into_inner()
+            .map_err(|e| AgentError::Protocol(e.into_error().into()))?;
+        w.finish().map_err(|e| AgentError::Protocol(e.into()))?;
+        let k = read_frame(&mut s, &mut buf)?;
+        expect(k, kind::OK, "OK", &buf)?;
+        let word = |r: std::ops::Range<usize>| {
+            buf.get(r)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_le_bytes)
+                .ok_or_else(|| ProtoError::Invalid("unpack OK payload".into()))
+        };
+        if buf.len() != 16 {
+            return Err(ProtoError::Invalid("unpack OK payload".into()).into());
+        }
+        Ok((word(0..8)?, word(8..16)?))
+    }
+
     pub fn stat(&self, path: &str) -> Result<StatInfo, AgentError> {
         match self.call(Request::Stat { path: path.into() })? {
             Some(Reply::Stat(s)) => Ok(s),

@@ -1,7 +1,9 @@
-//! The harness API: a VM as a value. `Vm::builder()…start()` spawns the VMM as its own process
-//! (the `vmrun` binary), waits until the guest agent answers, and hands back a `Vm` whose `&self`
-//! methods run commands and move files concurrently. Dropping it kills the VMM and removes
-//! every host file it made (socket, console log, temporary directory).
+//! The harness API: a VM as a value. [`Vm::builder`]`…start()` spawns the VMM as its own
+//! process (the `vmrun` binary), waits until the guest agent answers, and hands back a `Vm`
+//! whose `&self` methods run commands and move files concurrently. Dropping it kills the VMM
+//! and removes every host file it made (its runtime directory: socket, console log);
+//! [`Vm::detach`] lets the VM outlive this process instead, and [`Vm::attach`] takes hold of a
+//! running VM by name.
 //!
 //! ```no_run
 //! use vmrun::api::vm::{Overlay, Vm};
@@ -17,33 +19,28 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmrun_protocol::agent::{Exec, PORT};
-use vmrun_protocol::cmdline::console::INIT_ERROR;
 
 use super::agent::{AgentClient, AgentError, Endpoint, Output, Process};
-use crate::config::{DiskConfig, VsockConfig, DEFAULT_CID};
-use crate::host::compat::Compat;
 pub use crate::launch::overlay::Overlay;
-use crate::launch::overlay::ENV_TOGGLE;
-use crate::launch::{self, LaunchError, Rootfs, VmOptions};
+use crate::launch::LaunchError;
+use crate::runtime::{self, Claim, RuntimeError, VmPaths};
 
 #[derive(Debug, Error)]
 pub enum VmError {
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    #[error(
-        "cannot find the vmrun binary that runs the VMM: {0}; set VMRUN_BIN or put vmrun on PATH"
-    )]
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot find the vmrun binary that runs each VM's VMM: {0}")]
     Binary(String),
     #[error("cannot start the VMM process: {0}")]
     Spawn(std::io::Error),
-    #[error("host temporary directory: {0}")]
-    Temp(std::io::Error),
     /// The VM ended before its agent answered: the init's error line when there is one.
     #[error("the VM stopped during boot: {summary}")]
     BootFailed {
@@ -61,181 +58,24 @@ pub enum VmError {
         status: String,
         console_tail: String,
     },
-}
-
-/// Configures a VM; see [`Vm::builder`].
-#[derive(Clone, Debug)]
-pub struct VmBuilder {
-    opts: VmOptions,
-    boot_timeout: Duration,
-}
-
-impl VmBuilder {
-    /// All options at once (what the CLI's flags resolve to).
-    pub fn options(mut self, opts: VmOptions) -> Self {
-        self.opts = opts;
-        self
-    }
-    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
-        self.opts.kernel = Some(path.into());
-        self
-    }
-    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
-        self.opts.initrd = Some(path.into());
-        self
-    }
-    pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
-        self.opts.rootfs = Rootfs::Path(path.into());
-        self
-    }
-    /// The upper layer. Without it, `GONDOLIN_ROOT_OVERLAY=1|true|tmpfs` selects a tmpfs one.
-    pub fn overlay(mut self, overlay: Overlay) -> Self {
-        self.opts.overlay = Some(overlay);
-        self
-    }
-    pub fn memory_mib(mut self, mib: u64) -> Self {
-        self.opts.memory_mib = mib;
-        self
-    }
-    pub fn vcpus(mut self, n: u8) -> Self {
-        self.opts.vcpus = n;
-        self
-    }
-    /// Extra disk after the rootfs (and the overlay disk).
-    pub fn disk(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
-        self.opts.disks.push(DiskConfig {
-            path: path.into(),
-            read_only,
-        });
-        self
-    }
-    /// Extra kernel parameters (an explicit `root.overlay=` here wins over [`Self::overlay`]).
-    pub fn cmdline(mut self, params: impl Into<String>) -> Self {
-        self.opts.cmdline = Some(params.into());
-        self
-    }
-    /// Keep the guest console in this file (default: a temporary file removed with the VM).
-    pub fn console_log(mut self, path: impl Into<PathBuf>) -> Self {
-        self.opts.console_log = Some(path.into());
-        self
-    }
-    /// How long `start` waits for the agent (default 60 s, 600 s where ring 0 is emulated).
-    pub fn boot_timeout(mut self, t: Duration) -> Self {
-        self.boot_timeout = t;
-        self
-    }
-    pub fn compat(mut self, c: Compat) -> Self {
-        self.opts.compat = c;
-        self
-    }
-
-    /// The options as they stand.
-    pub fn options_ref(&self) -> &VmOptions {
-        &self.opts
-    }
-
-    /// What the VM would be: options after defaults, the overlay toggle and the user's command
-    /// line are applied (no VM is started).
-    pub fn resolve(&self) -> Result<launch::Resolved, VmError> {
-        let env = std::env::var(ENV_TOGGLE).ok();
-        Ok(launch::resolve(&self.opts, env.as_deref())?)
-    }
-
-    /// Boots the VM and waits for its agent.
-    pub fn start(self) -> Result<Vm, VmError> {
-        let dir = tempfile::Builder::new()
-            .prefix("vmrun-")
-            .tempdir()
-            .map_err(VmError::Temp)?;
-        let sock = dir.path().join("vsock.sock");
-        let console = self
-            .opts
-            .console_log
-            .clone()
-            .unwrap_or_else(|| dir.path().join("console.log"));
-        let mut opts = self.opts.clone();
-        opts.vsock = Some(VsockConfig {
-            cid: DEFAULT_CID,
-            uds_path: sock.clone(),
-        });
-        opts.console_log = Some(console.clone());
-        let env = std::env::var(ENV_TOGGLE).ok();
-        let resolved = launch::resolve(&opts, env.as_deref())?;
-        let timeout = if resolved.pvm && self.boot_timeout == DEFAULT_BOOT_TIMEOUT {
-            Duration::from_secs(600)
-        } else {
-            self.boot_timeout
-        };
-
-        let mut cmd = Command::new(vmm_binary()?);
-        // Every decision is in the arguments: the VMM reads no environment of ours.
-        cmd.arg("boot").args(opts.pinned(&resolved).to_args());
-        cmd.env_remove(ENV_TOGGLE)
-            .env_remove("VMRUN_KERNEL")
-            .env_remove("VMRUN_INITRAMFS")
-            .env_remove("VMRUN_ROOTFS");
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // The VMM must not outlive its owner, even one killed without running Drop: it watches
-        // for this process to go away. (PR_SET_PDEATHSIG would fire when the spawning *thread*
-        // ends, which kills VMs started from worker threads.)
-        cmd.env(OWNER_ENV, std::process::id().to_string());
-        let child = cmd.spawn().map_err(VmError::Spawn)?;
-        let agent = AgentClient::new(Endpoint::Vsock {
-            uds: sock,
-            port: PORT,
-        });
-        let vm = Vm {
-            child: Mutex::new(child),
-            agent,
-            console,
-            _dir: dir,
-        };
-        vm.wait_for_agent(timeout)?;
-        Ok(vm)
-    }
-}
-
-/// Set for the VMM process: the pid whose exit ends the VM.
-pub const OWNER_ENV: &str = "VMRUN_OWNER_PID";
-
-/// `start` waits this long unless told otherwise (longer on hosts that emulate ring 0).
-pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The `vmrun` binary: `VMRUN_BIN`, next to the running program (or its parent directory, as
-/// for test binaries under `target/*/deps`), or on `PATH`.
-pub fn vmm_binary() -> Result<PathBuf, VmError> {
-    if let Some(p) = std::env::var_os("VMRUN_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(2) {
-            let c = dir.join("vmrun");
-            if c.is_file() {
-                return Ok(c);
-            }
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let c = dir.join("vmrun");
-            if c.is_file() {
-                return Ok(c);
-            }
-        }
-    }
-    Err(VmError::Binary(
-        "not next to this program and not on PATH".into(),
-    ))
+    #[error("{what} {path}: {source}")]
+    Host {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A running VM.
 pub struct Vm {
-    child: Mutex<Child>,
+    paths: VmPaths,
+    /// The VMM process, when this process started it.
+    child: Mutex<Option<Child>>,
+    /// This process's share of the VM's lock while it owns the VM (started here, not
+    /// detached): dropping the `Vm` then stops the VM and removes its directory.
+    claim: Option<Claim>,
     agent: AgentClient,
     console: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
 /// A command: anything that yields its argv, or a full [`Exec`].
@@ -272,76 +112,123 @@ impl From<Exec> for Cmd {
     }
 }
 
+/// Stops a VM from any thread (a signal handler's helper thread, say): kills its VMM and
+/// removes its directory. For a launcher that must leave nothing behind when it is killed.
+#[derive(Clone, Debug)]
+pub struct KillSwitch {
+    pid: Option<u32>,
+    paths: VmPaths,
+}
+
+impl KillSwitch {
+    pub fn fire(&self) {
+        if let Some(pid) = self.pid {
+            // SAFETY: kill(2) on the VMM this process started and has not reaped, so the pid
+            // still names it.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        self.paths.remove();
+    }
+}
+
 impl Vm {
-    pub fn builder() -> VmBuilder {
-        VmBuilder {
-            opts: VmOptions::default(),
-            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+    /// A VM this process has just started (the builder's side).
+    pub(crate) fn started(paths: VmPaths, child: Child, claim: Claim, console: PathBuf) -> Vm {
+        let agent = agent_at(&paths);
+        Vm {
+            paths,
+            child: Mutex::new(Some(child)),
+            claim: Some(claim),
+            agent,
+            console,
         }
     }
 
-    fn wait_for_agent(&self, timeout: Duration) -> Result<(), VmError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            // The guard must be gone before `boot_failure` locks the child again.
-            let exited = self.exit_status().map_err(VmError::Spawn)?;
-            if let Some(status) = exited {
-                return Err(self.boot_failure(status));
-            }
-            if self.agent.stat("/").is_ok() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(VmError::BootTimeout {
-                    secs: timeout.as_secs(),
-                    console_tail: self.console_tail(20),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(200));
+    /// A running VM by name (`vmrun ls` lists them). The VM is not this process's: dropping
+    /// the `Vm` leaves it running; [`Vm::shutdown`] stops it.
+    pub fn attach(name: &str) -> Result<Vm, VmError> {
+        let paths = runtime::find(name)?;
+        if !paths.alive() {
+            return Err(RuntimeError::Dead(name.into()).into());
         }
+        let agent = agent_at(&paths);
+        Ok(Vm {
+            console: paths.console(),
+            child: Mutex::new(None),
+            claim: None,
+            agent,
+            paths,
+        })
     }
 
-    fn boot_failure(&self, status: std::process::ExitStatus) -> VmError {
-        let mut stderr = String::new();
-        if let Some(e) = self
+    /// Lets the VM outlive this process: it runs on until `vmrun stop NAME` (or
+    /// [`Vm::attach`] and [`Vm::shutdown`]). Returns its name.
+    pub fn detach(mut self) -> Result<String, VmError> {
+        let mark = self.paths.detached_mark();
+        std::fs::write(&mark, b"").map_err(|source| VmError::Host {
+            what: "VM directory",
+            path: mark,
+            source,
+        })?;
+        if let Some(mut r) = self.paths.record() {
+            r.named = true;
+            self.paths.write_record(&r)?;
+        }
+        // The VMM keeps its own share of the lock; ours goes.
+        self.claim = None;
+        if let Some(mut c) = self
+            .child
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            // Reaped when it ends, so it does not linger as a zombie of this process.
+            std::thread::spawn(move || c.wait());
+        }
+        Ok(self.paths.name.clone())
+    }
+
+    /// The VM's name (generated when none was given).
+    pub fn name(&self) -> &str {
+        &self.paths.name
+    }
+
+    /// Where the VM's host files are.
+    pub fn paths(&self) -> &VmPaths {
+        &self.paths
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn kill_switch(&self) -> KillSwitch {
+        let pid = self
             .child
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .stderr
-            .as_mut()
-        {
-            let _ = e.take(64 << 10).read_to_string(&mut stderr);
-        }
-        let console = std::fs::read_to_string(&self.console).unwrap_or_default();
-        let init_error = console
-            .lines()
-            .rev()
-            .find(|l| l.contains(INIT_ERROR))
-            .map(str::to_string);
-        let summary = stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("vmrun: "))
-            .next_back()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("VMM exited with {status}"));
-        VmError::BootFailed {
-            summary,
-            init_error,
-            console_tail: self.console_tail(20),
+            .as_ref()
+            .map(Child::id);
+        KillSwitch {
+            pid,
+            paths: self.paths.clone(),
         }
     }
 
-    /// The VMM's exit status once it has ended (reaped here).
-    fn exit_status(&self) -> std::io::Result<Option<std::process::ExitStatus>> {
-        self.child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .try_wait()
+    /// The VMM's exit status once it has ended (reaped here); for an attached VM, a dead
+    /// VM reads as `Some(None)`.
+    pub(crate) fn ended(&self) -> Option<Option<std::process::ExitStatus>> {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match c.as_mut() {
+            Some(child) => match child.try_wait() {
+                Ok(Some(s)) => Some(Some(s)),
+                Ok(None) => None,
+                Err(_) => Some(None),
+            },
+            None => (!self.paths.alive()).then_some(None),
+        }
     }
 
-    /// Whether the VMM process is still running.
+    /// Whether the VM is still running.
     pub fn is_running(&self) -> bool {
-        matches!(self.exit_status(), Ok(None))
+        self.ended().is_none()
     }
 
     /// An agent call's result; a failed connection to a VM that has stopped says so.
@@ -352,15 +239,14 @@ impl Vm {
             }
             // The VMM may still be on its way out: give it a moment to be seen gone.
             for _ in 0..10 {
-                match self.exit_status() {
-                    Ok(Some(status)) => {
+                match self.ended() {
+                    Some(status) => {
                         return VmError::Stopped {
-                            status: status.to_string(),
+                            status: status.map_or_else(|| "VMM gone".into(), |s| s.to_string()),
                             console_tail: self.console_tail(20),
                         }
                     }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                    Err(_) => break,
+                    None => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
             e.into()
@@ -431,41 +317,125 @@ impl Vm {
         Ok(v)
     }
 
+    /// Copies a host file or directory into the guest, as `docker cp` does: into `guest_path`
+    /// when that is a directory, else as `guest_path`. Returns the bytes of file data copied.
+    pub fn copy_in(&self, host_path: &Path, guest_path: &str) -> Result<u64, VmError> {
+        self.call(super::copy::copy_in(&self.agent, host_path, guest_path))
+    }
+
+    /// Copies a guest file or directory to the host, as `docker cp` does: into `host_path`
+    /// when that is a directory, else as `host_path`. Returns the bytes of file data copied.
+    pub fn copy_out(&self, guest_path: &str, host_path: &Path) -> Result<u64, VmError> {
+        self.call(super::copy::copy_out(&self.agent, guest_path, host_path))
+    }
+
     /// Streams a tar of everything the guest wrote (the overlay upper layer).
     pub fn capture_overlay(&self, dst: impl Write) -> Result<u64, VmError> {
         self.call(self.agent.capture(dst))
     }
 
-    /// Captures into a file at `path`.
+    /// Captures into a file at `path`. It is written under a temporary name in the same
+    /// directory and renamed when complete: a capture that did not finish never carries the
+    /// final name (and a launcher killed meanwhile leaves the temporary file to the next
+    /// `vmrun` run to remove).
     pub fn capture_overlay_to(&self, path: &Path) -> Result<u64, VmError> {
-        let f = std::fs::File::create(path).map_err(|e| AgentError::Local {
-            what: "capture file",
-            source: e,
-        })?;
-        self.capture_overlay(std::io::BufWriter::new(f))
+        let host = |what: &'static str| {
+            move |source| VmError::Host {
+                what,
+                path: path.to_path_buf(),
+                source,
+            }
+        };
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map_or_else(|| "capture".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".partial")
+            .tempfile_in(&dir)
+            .map_err(host("capture file"))?;
+        self.paths.add_partial(tmp.path());
+        let result = (|| {
+            let mut w = std::io::BufWriter::new(tmp.as_file());
+            let n = self.capture_overlay(&mut w)?;
+            w.flush().map_err(host("capture file"))?;
+            drop(w);
+            tmp.as_file().sync_all().map_err(host("capture file"))?;
+            Ok(n)
+        })();
+        let tmp_path = tmp.path().to_path_buf();
+        let outcome = result.and_then(|n| {
+            tmp.persist(path)
+                .map_err(|e| host("capture file")(e.error))
+                .map(|_| n)
+        });
+        self.paths.drop_partial(&tmp_path);
+        outcome
     }
 
-    /// Asks the guest to shut down and waits for the VMM to exit (then kills it after 30 s).
+    /// Asks the guest to shut down and waits for the VMM to exit (killing it after 30 s);
+    /// then its host files are removed. Works on an attached VM too.
     pub fn shutdown(self) -> Result<(), VmError> {
-        self.agent.shutdown()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.exit_status().map_err(VmError::Spawn)?.is_some() {
-                return Ok(());
-            }
+        self.stop(Duration::from_secs(30))
+    }
+
+    /// As [`Vm::shutdown`], waiting at most `grace` before the VMM is killed.
+    pub fn stop(mut self, grace: Duration) -> Result<(), VmError> {
+        let asked = self.agent.shutdown();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && self.ended().is_none() {
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(())
+        self.kill();
+        // An agent that was gone already is no failure: the VM is stopped either way.
+        match asked {
+            Err(e) if !e.is_connection() => Err(e.into()),
+            _ => Ok(()),
+        }
     }
+
+    /// Kills the VMM if it still runs and removes the VM's directory.
+    fn kill(&mut self) {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(child) = c.as_mut() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        } else if self.paths.alive() {
+            if let Some(pid) = self.paths.record().map(|r| r.pid).filter(|p| *p > 0) {
+                // SAFETY: kill(2) on the VMM named in the VM's record; the lock shows a
+                // holder is still alive, so the pid has not been reused by a dead VM's.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let t = Instant::now();
+                while self.paths.alive() && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        *c = None;
+        drop(c);
+        self.claim = None;
+        self.paths.remove();
+    }
+}
+
+fn agent_at(paths: &VmPaths) -> AgentClient {
+    AgentClient::new(Endpoint::Vsock {
+        uds: paths.socket(),
+        port: PORT,
+    })
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(None) = c.try_wait() {
-            let _ = c.kill();
+        // Only a VM this process owns is stopped; an attached or detached one runs on.
+        if self.claim.is_some() {
+            self.kill();
         }
-        let _ = c.wait();
-        // The temporary directory (socket, console log) is removed when `_dir` drops.
     }
 }

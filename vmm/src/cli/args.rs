@@ -128,6 +128,13 @@ impl VmArgs {
     }
 }
 
+impl VmArgs {
+    /// Whether no VM option was given (they apply only where a command starts a VM).
+    pub fn is_default(&self) -> bool {
+        !self.dry_run && self.options().is_ok_and(|o| o == VmOptions::default())
+    }
+}
+
 impl BootArgs {
     pub fn options(&self) -> Result<VmOptions, OverlayError> {
         Ok(VmOptions {

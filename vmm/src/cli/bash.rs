@@ -1,6 +1,6 @@
-//! `vmrun bash`: an interactive shell on a PTY in a fresh VM. The terminal goes raw for the
-//! session and is restored on every way out, a kill from outside included; window resizes and
-//! Ctrl-C reach the guest.
+//! `vmrun bash [NAME]`: an interactive shell on a PTY, in a fresh VM or in a running one
+//! (several at once). The terminal goes raw for the session and is restored on every way out,
+//! a kill from outside included; window resizes and Ctrl-C reach the guest.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -10,9 +10,13 @@ use std::time::Duration;
 use vmrun::api::agent::Event;
 use vmrun_protocol::agent::Exec;
 
+use vmrun::api::vm::Vm;
+
 use super::args::VmArgs;
-use super::boot::{exit_code, launcher_error, EXIT_LAUNCHER};
-use super::vm::{builder, dry_run, status_code};
+use super::exit::{exit_code, launcher_error, status_code, EXIT_LAUNCHER};
+use super::signals::{self, Reaction};
+use super::vm::{builder, dry_run};
+use super::{named, progress};
 
 static WINCH: AtomicBool = AtomicBool::new(false);
 
@@ -20,18 +24,20 @@ extern "C" fn on_winch(_: libc::c_int) {
     WINCH.store(true, Ordering::SeqCst);
 }
 
-/// The terminal as it was before raw mode, for the termination handler to put back at once.
+/// The terminal as it was before raw mode, for the signal thread to put back at once.
 static SAVED_TERMIOS: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
 /// SIGTERM, SIGHUP or SIGQUIT received: the shell is hung up and the VM shut down in order.
 static TERM_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-extern "C" fn on_term(sig: libc::c_int) {
+/// On a signal: the terminal back at once, then the shell is hung up and the session ends in
+/// order (the signal thread tears down what is left after a grace).
+fn on_term(sig: libc::c_int) -> Reaction {
     TERM_SIGNAL.store(sig, Ordering::SeqCst);
     if let Some(t) = SAVED_TERMIOS.get() {
-        // SAFETY: tcsetattr is async-signal-safe; `t` was fully written before the handler
-        // was installed.
+        // SAFETY: tcsetattr on fd 0 with attributes saved from it.
         unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
     }
+    Reaction::Wind(Duration::from_secs(10))
 }
 
 fn window_size() -> (u16, u16) {
@@ -73,8 +79,23 @@ impl Drop for RawTerminal {
     }
 }
 
-/// `vmrun bash`: an interactive shell on a PTY in a fresh VM.
-pub fn bash(vm_args: &VmArgs) -> ExitCode {
+/// `vmrun bash [NAME]`: an interactive shell on a PTY, in the running VM `name` or in a fresh
+/// one that ends with the shell.
+pub fn bash(name: Option<&str>, vm_args: &VmArgs) -> ExitCode {
+    if !vm_args.dry_run && !std::io::stdin().is_terminal() {
+        return launcher_error(
+            "vmrun bash needs a terminal; use `vmrun exec -- bash -c '…'` otherwise",
+        );
+    }
+    if let Some(n) = name {
+        if let Err(code) = named::no_vm_options(n, vm_args) {
+            return code;
+        }
+        return match named::attach(n) {
+            Ok(vm) => shell(&vm),
+            Err(code) => code,
+        };
+    }
     let builder = match builder(vm_args) {
         Ok(b) => b,
         Err(code) => return code,
@@ -82,16 +103,21 @@ pub fn bash(vm_args: &VmArgs) -> ExitCode {
     if vm_args.dry_run {
         return dry_run(&builder);
     }
-    if !std::io::stdin().is_terminal() {
-        return launcher_error(
-            "vmrun bash needs a terminal; use `vmrun exec -- bash -c '…'` otherwise",
-        );
-    }
-    eprintln!("vmrun: starting a VM…");
-    let vm = match builder.start() {
+    let (builder, bar) = progress::attach(builder, "a VM");
+    let started = builder.start();
+    progress::done(bar);
+    let vm = match started {
         Ok(vm) => vm,
         Err(e) => return launcher_error(e),
     };
+    let _owned = signals::own(vm.kill_switch());
+    let code = shell(&vm);
+    let _ = vm.shutdown();
+    code
+}
+
+/// The shell session itself; the exit code is the shell's (128+N when a signal ended us).
+fn shell(vm: &Vm) -> ExitCode {
     let (rows, cols) = window_size();
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into());
     let exec = Exec {
@@ -109,10 +135,7 @@ pub fn bash(vm_args: &VmArgs) -> ExitCode {
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t) };
     let raw = RawTerminal::enter();
-    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-        // SAFETY: the handler only stores to an atomic and calls tcsetattr.
-        unsafe { libc::signal(sig, on_term as *const () as libc::sighandler_t) };
-    }
+    signals::set_handler(on_term);
     let input = p.input();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -180,8 +203,6 @@ pub fn bash(vm_args: &VmArgs) -> ExitCode {
         }
     }
     drop(raw);
-    let _ = vm.shutdown();
-    std::thread::sleep(Duration::from_millis(10));
     match TERM_SIGNAL.load(Ordering::SeqCst) {
         0 => exit_code(status),
         sig => exit_code(128 + sig),

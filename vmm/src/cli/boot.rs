@@ -14,25 +14,9 @@ use vmrun::launch::{self, overlay::ENV_TOGGLE};
 use vmrun::outcome::Outcome;
 
 use super::args::BootArgs;
+use super::exit::{exit_code, launcher_error, outcome_code, EXIT_LAUNCHER};
 
-/// Exit code for failures of the VM or the launcher itself (docker's convention).
-pub const EXIT_LAUNCHER: i32 = 125;
-/// Set by the library for the VMM process it spawns: the pid whose exit ends the VM.
-pub const OWNER_ENV: &str = vmrun::api::vm::OWNER_ENV;
-
-pub fn exit_code(code: i32) -> ExitCode {
-    ExitCode::from(u8::try_from(code).unwrap_or(1))
-}
-
-pub fn launcher_error(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("vmrun: {e}");
-    exit_code(EXIT_LAUNCHER)
-}
-
-/// How a VM's end becomes vmrun's exit code.
-pub fn outcome_code(o: &Outcome) -> i32 {
-    o.workload_status.unwrap_or(EXIT_LAUNCHER)
-}
+use vmrun::api::builder::{OWNER_ENV, VM_DIR_ENV};
 
 /// Runs a started VM to its end (at most `timeout`) and reports how it ended.
 fn run(vmm: Vmm, timeout: Option<Duration>) -> ExitCode {
@@ -52,7 +36,8 @@ fn run(vmm: Vmm, timeout: Option<Duration>) -> ExitCode {
     exit_code(code)
 }
 
-/// With `VMRUN_OWNER_PID` set (the library does), the VM ends when that process does.
+/// With `VMRUN_OWNER_PID` set (the library does), the VM ends when that process does, unless
+/// it was detached meanwhile (a mark in the VM's directory, `VMRUN_VM_DIR`).
 fn watch_owner() {
     let Some(owner) = std::env::var(OWNER_ENV)
         .ok()
@@ -60,9 +45,14 @@ fn watch_owner() {
     else {
         return;
     };
+    let mark = std::env::var_os(VM_DIR_ENV)
+        .map(|d| vmrun::runtime::VmPaths::from_dir(d.into()).detached_mark());
     std::thread::spawn(move || loop {
         // SAFETY: getppid has no preconditions and cannot fail.
         if unsafe { libc::getppid() } != owner {
+            if mark.as_ref().is_some_and(|m| m.exists()) {
+                return;
+            }
             eprintln!("vmrun: the owning process {owner} is gone; stopping the VM");
             std::process::exit(EXIT_LAUNCHER);
         }

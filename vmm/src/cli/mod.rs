@@ -6,15 +6,21 @@ mod bash;
 mod bench;
 mod boot;
 mod doctor;
+mod exit;
+mod named;
+mod progress;
+mod signals;
 mod vm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use args::{BootArgs, VmArgs};
-use boot::{exit_code, EXIT_LAUNCHER};
+use exit::{exit_code, EXIT_LAUNCHER};
 use vmrun::launch::images;
 
 #[derive(Parser)]
@@ -35,19 +41,62 @@ pub struct Cli {
 enum Command {
     /// Boot a kernel and initramfs and exit with the guest's status.
     Boot(Box<BootArgs>),
-    /// An interactive shell in a fresh VM (PTY, resize, Ctrl-C to the guest); exits with the
-    /// shell's status.
-    Bash {
+    /// Start a VM in the background and print its name once its agent answers; use it with
+    /// `exec NAME`, `bash NAME`, `cp`, `capture`, and end it with `stop`.
+    Start {
+        /// The VM's name (letters, digits, '-', '_', '.'); one is generated when omitted.
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         vm: VmArgs,
     },
-    /// Run one command in a fresh VM: stdout and stderr kept apart, its exit code returned
-    /// (125 launcher error, 126 cannot execute, 127 not found, 128+N killed by signal N).
+    /// An interactive shell (PTY, resize, Ctrl-C to the guest) in the running VM NAME, or in a
+    /// fresh VM that ends with it; exits with the shell's status.
+    Bash {
+        /// A running VM (see `vmrun ls`); without it, a fresh VM.
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Run one command, in the running VM NAME or in a fresh VM: stdout and stderr kept apart,
+    /// its exit code returned (125 launcher error, 126 cannot execute, 127 not found, 128+N
+    /// killed by signal N).
     Exec {
+        /// A running VM (see `vmrun ls`); without it, a fresh VM runs the command.
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
         #[command(flatten)]
         vm: VmArgs,
         #[command(flatten)]
         cmd: vm::CmdArgs,
+    },
+    /// Copy files or directories between the host and a running VM (NAME:/path on one side),
+    /// as `docker cp` does.
+    Cp {
+        #[arg(value_name = "SRC")]
+        src: String,
+        #[arg(value_name = "DST")]
+        dst: String,
+    },
+    /// Write a tar of everything the running VM NAME wrote (its overlay upper layer).
+    Capture {
+        name: String,
+        #[arg(value_name = "OUT.tar")]
+        out: PathBuf,
+    },
+    /// List the VMs: name, state (running or dead), VMM pid, age, memory, vCPUs, overlay.
+    Ls,
+    /// Stop running VMs: a clean shutdown, then a kill after --time seconds; their files are
+    /// removed (also a dead VM's leftovers).
+    Stop {
+        names: Vec<String>,
+        /// Every VM.
+        #[arg(long)]
+        all: bool,
+        /// Seconds to wait for a clean shutdown before the VMM is killed.
+        #[arg(long, default_value_t = 10)]
+        time: u64,
     },
     /// Like exec, with files uploaded first and the overlay captured after (with --upload or
     /// --capture and no overlay chosen, a tmpfs overlay is used).
@@ -158,13 +207,36 @@ fn init_logging(verbose: u8) {
     }
 }
 
+static VERBOSE: AtomicU8 = AtomicU8::new(0);
+
+/// How many `-v` were given.
+pub fn verbose() -> u8 {
+    VERBOSE.load(Ordering::Relaxed)
+}
+
 pub fn main() -> ExitCode {
+    signals::install();
     let cli = Cli::parse();
+    VERBOSE.store(cli.verbose, Ordering::Relaxed);
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot::boot(&args),
-        Command::Bash { vm } => bash::bash(&vm),
-        Command::Exec { vm, cmd } => vm::run(&vm, &cmd, &[], None),
+        Command::Start { name, vm } => named::start(name.as_deref(), &vm),
+        Command::Bash { name, vm } => bash::bash(name.as_deref(), &vm),
+        Command::Exec {
+            name: Some(name),
+            vm,
+            cmd,
+        } => vm::exec_in(&name, &vm, &cmd),
+        Command::Exec {
+            name: None,
+            vm,
+            cmd,
+        } => vm::run(&vm, &cmd, &[], None),
+        Command::Cp { src, dst } => named::cp(&src, &dst),
+        Command::Capture { name, out } => named::capture(&name, &out),
+        Command::Ls => named::ls(),
+        Command::Stop { names, all, time } => named::stop(&names, all, Duration::from_secs(time)),
         Command::Run {
             vm,
             upload,

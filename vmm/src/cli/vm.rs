@@ -6,15 +6,16 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vmrun::api::agent::{AgentError, Event};
-use vmrun::api::vm::{Vm, VmBuilder, VmError};
+use vmrun::api::agent::Event;
+use vmrun::api::vm::{Vm, VmError};
 use vmrun::api::Overlay;
+use vmrun::api::VmBuilder;
 use vmrun::launch::overlay::ENV_TOGGLE;
 use vmrun::launch::Resolved;
-use vmrun_protocol::agent::{ErrorKind, Exec, ExitStatus};
+use vmrun_protocol::agent::Exec;
 
 use super::args::VmArgs;
-use super::boot::{exit_code, launcher_error, EXIT_LAUNCHER};
+use super::exit::{exit_code, launcher_error, spawn_failure, status_code, EXIT_LAUNCHER};
 
 /// What a launch resolved to, as `--dry-run` prints it.
 pub fn print_resolved(r: &Resolved) {
@@ -88,25 +89,6 @@ impl CmdArgs {
     }
 }
 
-/// docker's conventions for a command that could not run.
-fn spawn_failure(e: &VmError) -> Option<i32> {
-    match e {
-        VmError::Agent(AgentError::Remote(r)) if r.kind == ErrorKind::Spawn => {
-            Some(if r.errno == libc::ENOENT { 127 } else { 126 })
-        }
-        _ => None,
-    }
-}
-
-pub fn status_code(s: ExitStatus) -> i32 {
-    match s {
-        ExitStatus::Exited(c) => c,
-        ExitStatus::Signaled(sig) => 128 + sig,
-        // SIGKILL after the timeout, as `timeout --signal=KILL` reports it.
-        ExitStatus::TimedOut => 137,
-    }
-}
-
 /// Streams a command: our stdin (when it is not a terminal) to it, its stdout and stderr to
 /// ours, kept apart. Returns its exit code.
 fn stream(vm: &Vm, exec: Exec) -> Result<i32, VmError> {
@@ -147,7 +129,36 @@ fn stream(vm: &Vm, exec: Exec) -> Result<i32, VmError> {
     Ok(EXIT_LAUNCHER)
 }
 
-/// `vmrun exec` and `vmrun run`.
+/// A command's exit code, or what its failure to start means (127, 126, else 125).
+fn command_code(vm: &Vm, exec: Exec) -> ExitCode {
+    match stream(vm, exec) {
+        Ok(c) => exit_code(c),
+        Err(e) => match spawn_failure(&e) {
+            Some(c) => {
+                eprintln!("vmrun: {e}");
+                exit_code(c)
+            }
+            None => launcher_error(e),
+        },
+    }
+}
+
+/// `vmrun exec NAME -- …`: a command in a running VM.
+pub fn exec_in(name: &str, vm_args: &VmArgs, cmd: &CmdArgs) -> ExitCode {
+    if let Err(code) = super::named::no_vm_options(name, vm_args) {
+        return code;
+    }
+    let exec = match cmd.exec(!std::io::stdin().is_terminal()) {
+        Ok(e) => e,
+        Err(e) => return launcher_error(e),
+    };
+    match super::named::attach(name) {
+        Ok(vm) => command_code(&vm, exec),
+        Err(code) => code,
+    }
+}
+
+/// `vmrun exec` and `vmrun run`: a fresh VM for one command.
 pub fn run(
     vm_args: &VmArgs,
     cmd: &CmdArgs,
@@ -186,30 +197,25 @@ pub fn run(
     if !chosen && (!pairs.is_empty() || capture.is_some()) {
         builder = builder.overlay(Overlay::Tmpfs { size: None });
     }
-    let vm = match builder.start() {
+    let (builder, bar) = super::progress::attach(builder, "a VM");
+    let started = builder.start();
+    super::progress::done(bar);
+    let vm = match started {
         Ok(vm) => vm,
         Err(e) => return launcher_error(e),
     };
+    let _owned = super::signals::own(vm.kill_switch());
     for (src, dst) in &pairs {
         if let Err(e) = vm.upload_file(src, dst) {
             return launcher_error(format!("--upload {} → {dst}: {e}", src.display()));
         }
     }
-    let result = match stream(&vm, exec) {
-        Ok(c) => c,
-        Err(e) => match spawn_failure(&e) {
-            Some(c) => {
-                eprintln!("vmrun: {e}");
-                c
-            }
-            None => return launcher_error(e),
-        },
-    };
+    let code = command_code(&vm, exec);
     if let Some(path) = capture {
         if let Err(e) = vm.capture_overlay_to(path) {
             return launcher_error(format!("--capture {}: {e}", path.display()));
         }
     }
     let _ = vm.shutdown();
-    exit_code(result)
+    code
 }

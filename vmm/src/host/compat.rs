@@ -2,7 +2,7 @@
 //! for them. Detection times a ring-0 loop against a ring-3 loop in test guests; the guest
 //! kernel variant and command line in `images/kernel/pvm/` are chosen from the result.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -48,9 +48,35 @@ pub struct RingProbe {
     pub ring3_ns_per_iter: f64,
 }
 
+/// Guest ring-0 work of a start (boot to agent ready) and of one `exec true`, in ring-0 loop
+/// steps of the probe: measured on PVM hosts, where they are what a start and an exec cost.
+const START_STEPS: f64 = 2.6e7;
+const EXEC_STEPS: f64 = 4.0e6;
+/// On hardware-speed KVM a start is dominated by the guest kernel's own pace.
+const HW_START: Duration = Duration::from_secs(2);
+const HW_EXEC: Duration = Duration::from_millis(5);
+
 impl RingProbe {
     pub fn ring0_emulated(&self) -> bool {
         self.ring0_ns_per_iter > EMULATED_NS
+    }
+
+    /// About how long a VM takes from start to its agent answering on this host.
+    pub fn expected_start(&self) -> Duration {
+        if self.ring0_emulated() {
+            Duration::from_secs_f64(self.ring0_ns_per_iter * START_STEPS / 1e9)
+        } else {
+            HW_START
+        }
+    }
+
+    /// About how long one `exec true` round trip takes in a running VM on this host.
+    pub fn expected_exec(&self) -> Duration {
+        if self.ring0_emulated() {
+            Duration::from_secs_f64(self.ring0_ns_per_iter * EXEC_STEPS / 1e9)
+        } else {
+            HW_EXEC
+        }
     }
 }
 
@@ -86,16 +112,15 @@ pub fn probe() -> Result<RingProbe, ProbeError> {
     })
 }
 
-/// The probe's answer, computed once per process.
-pub fn ring0_emulated() -> Result<bool, String> {
-    static CACHE: OnceLock<Result<bool, String>> = OnceLock::new();
-    CACHE
-        .get_or_init(|| {
-            probe()
-                .map(|p| p.ring0_emulated())
-                .map_err(|e| e.to_string())
-        })
-        .clone()
+/// The probe, run once per process.
+pub fn probe_cached() -> Result<RingProbe, Arc<ProbeError>> {
+    static CACHE: OnceLock<Result<RingProbe, Arc<ProbeError>>> = OnceLock::new();
+    CACHE.get_or_init(|| probe().map_err(Arc::new)).clone()
+}
+
+/// Whether this host emulates guest ring 0 (the probe's answer, computed once per process).
+pub fn ring0_emulated() -> Result<bool, Arc<ProbeError>> {
+    probe_cached().map(|p| p.ring0_emulated())
 }
 
 /// Which guest kernel variant and command line to use.
@@ -119,7 +144,7 @@ impl Compat {
         }
     }
 
-    pub fn resolve(self) -> Result<bool, String> {
+    pub fn resolve(self) -> Result<bool, Arc<ProbeError>> {
         match self {
             Compat::Auto => ring0_emulated(),
             Compat::Pvm => Ok(true),

@@ -93,7 +93,7 @@ pub enum LaunchError {
     #[error("--exec {0:?}: double quotes cannot be passed on the kernel command line")]
     ExecQuote(String),
     #[error("cannot probe this host's KVM: {0}")]
-    Probe(String),
+    Probe(#[source] std::sync::Arc<crate::host::compat::ProbeError>),
     #[error(transparent)]
     Cmdline(#[from] cmdline::CmdlineError),
 }

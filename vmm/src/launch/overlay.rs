@@ -46,8 +46,6 @@ pub enum OverlayError {
     MissingDisk(PathBuf),
     #[error("{ENV_TOGGLE}={0}: use 1, true or tmpfs to turn on the tmpfs overlay (or 0/false, or unset it)")]
     Env(String),
-    #[error("overlay disk {path}: {msg}")]
-    Create { path: PathBuf, msg: String },
 }
 
 fn valid_fstype(s: &str) -> bool {
@@ -186,49 +184,85 @@ impl Overlay {
     }
 }
 
+/// Why `vmrun overlay create` could not make a disk.
+#[derive(Debug, Error)]
+pub enum CreateDiskError {
+    #[error("overlay disk {path}: size {size}: use a number with an optional k, m or g suffix (e.g. 1G)")]
+    Size { path: PathBuf, size: String },
+    #[error("overlay disk {path}: size {size} is below the 8 MiB a journaled upper needs")]
+    TooSmall { path: PathBuf, size: String },
+    #[error(transparent)]
+    Fstype(OverlayError),
+    #[error("overlay disk {path}: {source} (it will not be overwritten; remove it or pick another path)")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("overlay disk {path}: {source}")]
+    Resize {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("overlay disk {path}: cannot run {mkfs}: {source}; install the tools for {fstype} (e2fsprogs for ext4)")]
+    MkfsMissing {
+        path: PathBuf,
+        mkfs: String,
+        fstype: String,
+        source: std::io::Error,
+    },
+    #[error("overlay disk {path}: {mkfs} failed: {stderr}")]
+    Mkfs {
+        path: PathBuf,
+        mkfs: String,
+        stderr: String,
+    },
+}
+
 /// `vmrun overlay create`: a sparse image of `size` formatted with `fstype`, ready to be an
 /// upper disk. Refuses to overwrite; removes a half-made file on failure.
-pub fn create_disk(path: &Path, size: &str, fstype: &str) -> Result<(), OverlayError> {
-    let err = |msg: String| OverlayError::Create {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let bytes = size_bytes(size).ok_or_else(|| {
-        err(format!(
-            "size {size}: use a number with an optional k, m or g suffix (e.g. 1G)"
-        ))
+pub fn create_disk(path: &Path, size: &str, fstype: &str) -> Result<(), CreateDiskError> {
+    let p = || path.to_path_buf();
+    let bytes = size_bytes(size).ok_or_else(|| CreateDiskError::Size {
+        path: p(),
+        size: size.into(),
     })?;
     if bytes < 8 << 20 {
-        return Err(err(format!(
-            "size {size} is below the 8 MiB a journaled upper needs"
-        )));
+        return Err(CreateDiskError::TooSmall {
+            path: p(),
+            size: size.into(),
+        });
     }
     if !valid_fstype(fstype) {
-        return Err(OverlayError::Fstype(fstype.into()));
+        return Err(CreateDiskError::Fstype(OverlayError::Fstype(fstype.into())));
     }
     let mkfs = format!("mkfs.{fstype}");
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| {
-            err(format!(
-                "{e} (it will not be overwritten; remove it or pick another path)"
-            ))
-        })?;
+        .map_err(|source| CreateDiskError::Create { path: p(), source })?;
     let result = file
         .set_len(bytes)
-        .map_err(|e| err(e.to_string()))
+        .map_err(|source| CreateDiskError::Resize { path: p(), source })
         .and_then(|_| {
             let out = Command::new(&mkfs)
                 .args(["-q", "-F"])
                 .arg(path)
                 .output()
-                .map_err(|e| err(format!("cannot run {mkfs}: {e}; install the tools for {fstype} (e2fsprogs for ext4)")))?;
+                .map_err(|source| CreateDiskError::MkfsMissing {
+                    path: p(),
+                    mkfs: mkfs.clone(),
+                    fstype: fstype.into(),
+                    source,
+                })?;
             if out.status.success() {
                 Ok(())
             } else {
-                Err(err(format!("{mkfs} failed: {}", String::from_utf8_lossy(&out.stderr).trim())))
+                Err(CreateDiskError::Mkfs {
+                    path: p(),
+                    mkfs: mkfs.clone(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                })
             }
         });
     if result.is_err() {

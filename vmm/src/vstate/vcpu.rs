@@ -35,8 +35,11 @@ pub enum VcpuError {
     },
     #[error("vCPU {cpu}: KVM accepted {set} of {want} boot MSRs")]
     Msrs { cpu: u8, set: usize, want: usize },
-    #[error("vCPU {cpu}: writing boot structures to guest memory failed: {msg}")]
-    Memory { cpu: u8, msg: String },
+    #[error("vCPU {cpu}: writing boot structures to guest memory failed: {source}")]
+    Memory {
+        cpu: u8,
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("cannot start the vCPU thread: {0}")]
     Thread(std::io::Error),
 }
@@ -133,10 +136,8 @@ impl Vcpu {
             .fd
             .get_sregs()
             .map_err(setup_err(cpu, "KVM_GET_SREGS"))?;
-        let sregs = regs::initial_sregs(mem, s.mode, sregs).map_err(|e| VcpuError::Memory {
-            cpu,
-            msg: e.to_string(),
-        })?;
+        let sregs = regs::initial_sregs(mem, s.mode, sregs)
+            .map_err(|source| VcpuError::Memory { cpu, source })?;
         self.fd
             .set_sregs(&sregs)
             .map_err(setup_err(cpu, "KVM_SET_SREGS"))?;
