@@ -81,6 +81,47 @@ fn header_for(m: &fs::Metadata, ty: EntryType, size: u64) -> Header {
     h
 }
 
+/// A PAX extended header (`x`) for the entry that follows, written as GNU tar writes one:
+/// named `PaxHeaders/<name>`, with the entry's mode bits, owner and mtime filled in (the tar
+/// crate leaves them empty, which BusyBox tar refuses as "invalid tar magic").
+fn append_pax<W: Write>(
+    tar: &mut Builder<W>,
+    name: &Path,
+    m: &fs::Metadata,
+    records: &[(String, Vec<u8>)],
+) -> io::Result<()> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        // "<len> <key>=<value>\n", where <len> counts itself.
+        let rest = 3 + key.len() + value.len();
+        let mut len = rest + 1;
+        while len.to_string().len() + rest > len {
+            len += 1;
+        }
+        write!(data, "{len} {key}=")?;
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    let mut h = Header::new_ustar();
+    let base = name
+        .file_name()
+        .map_or_else(|| ".".into(), |n| n.to_string_lossy().into_owned());
+    // The name is informative only; keep it within the 100-byte field.
+    let mut pax_name = format!("PaxHeaders/{base}");
+    while pax_name.len() > 99 {
+        pax_name.pop();
+    }
+    h.set_path(&pax_name)?;
+    h.set_mode(0o644);
+    h.set_uid(u64::from(m.uid()));
+    h.set_gid(u64::from(m.gid()));
+    h.set_mtime(m.mtime().max(0) as u64);
+    h.set_size(data.len() as u64);
+    h.set_entry_type(EntryType::XHeader);
+    h.set_cksum();
+    tar.append(&h, data.as_slice())
+}
+
 struct Walk<W: Write> {
     tar: Builder<W>,
     links: HashMap<(u64, u64), PathBuf>,
@@ -92,21 +133,20 @@ impl<W: Write> Walk<W> {
             Ok(m) => m,
             Err(_) => return Ok(()), // removed meanwhile
         };
-        let x = xattrs(path);
-        if !x.is_empty() {
-            let recs: Vec<(String, Vec<u8>)> = x
-                .into_iter()
-                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
-                .collect();
-            self.tar
-                .append_pax_extensions(recs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-        }
         let ft = m.file_type();
         let name = if rel.as_os_str().is_empty() {
             PathBuf::from(".")
         } else {
             rel.to_path_buf()
         };
+        let x = xattrs(path);
+        if !x.is_empty() {
+            let recs: Vec<(String, Vec<u8>)> = x
+                .into_iter()
+                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+                .collect();
+            append_pax(&mut self.tar, &name, &m, &recs)?;
+        }
         if ft.is_dir() {
             let mut h = header_for(&m, EntryType::Directory, 0);
             self.tar.append_data(&mut h, &name, io::empty())?;

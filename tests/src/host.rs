@@ -112,6 +112,43 @@ pub fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     (r >= 0).then(|| buf[..r as usize].to_vec())
 }
 
+/// The entry names of a tar archive as three independent readers list them: GNU tar, BusyBox
+/// tar (as in Debian and Alpine) and Python's `tarfile`. A reader that refuses the archive
+/// fails the test with its message.
+pub fn tar_listings(tar: &Path) -> [(&'static str, Vec<String>); 3] {
+    let list = |reader: &'static str, cmd: &str, args: &[&str]| {
+        let out = Command::new(cmd)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{reader}: {e}"));
+        assert!(
+            out.status.success(),
+            "{reader} refuses the archive: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let names = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim_start_matches("./").trim_end_matches('/').to_string())
+            .filter(|l| !l.is_empty() && l != ".")
+            .collect::<Vec<_>>();
+        (reader, names)
+    };
+    let t = tar.to_str().expect("path is UTF-8");
+    [
+        list("GNU tar", "tar", &["-tf", t]),
+        list("BusyBox tar", "busybox", &["tar", "-tf", t]),
+        list(
+            "Python tarfile",
+            "python3",
+            &[
+                "-c",
+                "import sys, tarfile; print('\\n'.join(tarfile.open(sys.argv[1]).getnames()))",
+                t,
+            ],
+        ),
+    ]
+}
+
 /// Extracts a tar archive into `dir` with GNU tar, xattrs included (whiteouts and opaque
 /// markers come out as they were).
 pub fn gnu_tar_extract(tar: &Path, dir: &Path) {

@@ -3,6 +3,7 @@
 //! shows, booting a VM to its end, and reading captured tars; `host` has the host-side tools
 //! (loop devices, private mount namespaces, checksums, GNU tar).
 
+pub mod cli;
 pub mod host;
 
 use std::collections::BTreeMap;

@@ -15,7 +15,9 @@ use vmrun_agent::server::{serve, Listener};
 use vmrun_protocol::agent::{
     kind, read_frame, write_frame, ErrorKind, Exec, ExitStatus, FileKind, MAX_FRAME,
 };
-use vmrun_tests::host::{gnu_tar_extract, in_private_ns, is_root, t2_can_run, xattr, Loop};
+use vmrun_tests::host::{
+    gnu_tar_extract, in_private_ns, is_root, t2_can_run, tar_listings, xattr, Loop,
+};
 use vmrun_tests::read_tar;
 
 fn rootfs(test: &str) -> Option<PathBuf> {
@@ -177,6 +179,12 @@ fn capture_holds_files_whiteouts_opaque_dirs_links_and_matches_a_host_extract() 
     let x = dir.path().join("x");
     std::fs::create_dir(&x).unwrap();
     gnu_tar_extract(&tarfile, &x);
+    // GNU tar, BusyBox tar and Python's tarfile all read it, and see the same entries.
+    for (reader, names) in tar_listings(&tarfile) {
+        for want in ["etc/issue", "etc/skel/only", "new.txt", "hard", "data/blob"] {
+            assert!(names.iter().any(|n| n == want), "{reader} lists {names:?}");
+        }
+    }
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let wh = std::fs::symlink_metadata(x.join("etc/issue")).unwrap();
     assert!(wh.file_type().is_char_device() && wh.rdev() == 0);

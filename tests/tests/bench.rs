@@ -30,6 +30,14 @@ fn quick_bench_measures_every_host_row() {
         table.starts_with("vmrun bench --quick — host KVM: "),
         "{table}"
     );
+    // What a person sees on a terminal (stdout and stderr together) has the header once.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let headers = table
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.contains("— host KVM: "))
+        .count();
+    assert_eq!(headers, 1, "stdout:\n{table}\nstderr:\n{stderr}");
     for row in [
         "VMM spawn → first KVM_RUN",
         "VMM RSS without guest memory",

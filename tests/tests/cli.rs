@@ -2,53 +2,10 @@
 //! separation, the overlay toggle and flag precedence, and `vmrun bash` driven through a real
 //! terminal (tmux): prompt, a command, resize reaching the guest, Ctrl-C, `exit 3` → 3.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use vmrun_tests::cli::{children_of, have_tmux, pids_running, run, vmrun, wait_file, Term};
 use vmrun_tests::{t4_images, t4_rootfs, Budget};
-
-fn vmrun() -> Command {
-    let bin = vmrun::api::builder::vmm_binary()
-        .expect("the vmrun binary is built (cargo test --workspace)");
-    let mut c = Command::new(bin);
-    c.env_remove("GONDOLIN_ROOT_OVERLAY");
-    c
-}
-
-/// Runs `c` to its end within `budget` (killed and failed past it).
-fn run(mut c: Command, stdin: &[u8], budget: &Budget) -> (i32, String, String) {
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let pid = child.id();
-    let out = std::thread::scope(|s| {
-        let waiter = s.spawn(|| child.wait_with_output().unwrap());
-        while !waiter.is_finished() {
-            if budget.expired() {
-                // SAFETY: signalling the child this function started and has not reaped.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let out = waiter.join().unwrap();
-                budget.overrun(&format!(
-                    "stdout: {}\nstderr: {}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        waiter.join().unwrap()
-    });
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn ready(name: &str) -> bool {
     t4_images(name).is_some() && t4_rootfs(name).is_some()
@@ -145,56 +102,19 @@ fn overlay_toggle_and_flag_precedence() {
     assert!(err.contains("GONDOLIN_ROOT_OVERLAY=maybe"), "{err}");
 }
 
-/// Runs `cmd` in a new 100×30 tmux session and waits for the guest's prompt.
-fn start_shell(session: &str, cmd: &str) {
-    tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        session,
-        "-x",
-        "100",
-        "-y",
-        "30",
-        cmd,
-    ]);
-    wait_screen(
-        session,
+/// Runs `cmd` in a new 100×30 terminal and waits for the guest's prompt.
+fn start_shell(name: &str, cmd: &str) -> Term {
+    let t = Term::start(name, cmd, 100, 30);
+    t.wait_for(
         "root@vmrun:~#",
         &Budget::new("the guest shell's prompt", 60, 240),
     );
+    t
 }
 
 /// The T4 images and tmux (which the terminal tests drive `vmrun bash` through).
 fn ready_with_tmux(name: &str) -> bool {
-    if !ready(name) {
-        return false;
-    }
-    if Command::new("tmux").arg("-V").output().is_err() {
-        assert!(
-            std::env::var_os("VMRUN_REQUIRE_T4").is_none(),
-            "tmux is required"
-        );
-        eprintln!("SKIPPED {name}: no tmux");
-        return false;
-    }
-    true
-}
-
-fn tmux(args: &[&str]) -> String {
-    let out = Command::new("tmux").args(args).output().expect("tmux");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_screen(session: &str, want: &str, budget: &Budget) -> String {
-    loop {
-        let screen = tmux(&["capture-pane", "-p", "-t", session]);
-        if screen.contains(want) {
-            return screen;
-        }
-        budget.check(|| format!("waiting for {want:?}; screen:\n{screen}"));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    ready(name) && have_tmux(name)
 }
 
 /// A command typed into the guest shell and its answer on the screen.
@@ -209,65 +129,34 @@ fn bash_in_a_real_terminal() {
     }
     let dir = tempfile::tempdir().unwrap();
     let status = dir.path().join("status");
-    let session = format!("vmrun-test-{}", std::process::id());
     let bin = vmrun::api::builder::vmm_binary().unwrap();
     let cmd = format!(
         "GONDOLIN_ROOT_OVERLAY=1 {} bash; echo $? > {}; sleep 60",
         bin.display(),
         status.display()
     );
-    start_shell(&session, &cmd);
-    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen(&session, "30 100", &answer("`stty size` to print 30 100"));
-    tmux(&["resize-window", "-t", &session, "-x", "120", "-y", "40"]);
+    let t = start_shell("vmrun-test", &cmd);
+    t.line("stty size");
+    t.wait_for("30 100", &answer("`stty size` to print 30 100"));
+    vmrun_tests::cli::tmux(&["resize-window", "-t", &t.0, "-x", "120", "-y", "40"]);
     std::thread::sleep(Duration::from_secs(1));
-    tmux(&["send-keys", "-t", &session, "stty size", "Enter"]);
-    wait_screen(
-        &session,
+    t.line("stty size");
+    t.wait_for(
         "40 120",
         &answer("`stty size` after the resize to print 40 120"),
     );
-    tmux(&["send-keys", "-t", &session, "sleep 300", "Enter"]);
+    t.line("sleep 300");
     std::thread::sleep(Duration::from_secs(3));
-    tmux(&["send-keys", "-t", &session, "C-c"]);
-    tmux(&["send-keys", "-t", &session, "echo after-interrupt", "Enter"]);
-    wait_screen(
-        &session,
+    t.keys("C-c");
+    t.line("echo after-interrupt");
+    t.wait_for(
         "\nafter-interrupt",
         &answer("the shell to answer after Ctrl-C"),
     );
-    tmux(&["send-keys", "-t", &session, "exit 3", "Enter"]);
+    t.line("exit 3");
     let exited = Budget::new("vmrun bash to exit after `exit 3`", 30, 60);
-    while !status.exists() {
-        exited.check(|| tmux(&["capture-pane", "-p", "-t", &session]));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let code = std::fs::read_to_string(&status).unwrap();
-    tmux(&["kill-session", "-t", &session]);
-    assert_eq!(code.trim(), "3");
-}
-
-/// Pids of processes whose command line is exactly `argv`.
-fn pids_running(argv: &[&str]) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                let args: Vec<&[u8]> = c.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
-                args.len() == argv.len() && args.iter().zip(argv).all(|(a, b)| *a == b.as_bytes())
-            })
-        })
-        .collect()
-}
-
-fn children_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    let code = wait_file(&status, &exited, Some(&t));
+    assert_eq!(code, "3");
 }
 
 #[test]
@@ -277,7 +166,6 @@ fn bash_killed_from_outside_restores_the_terminal() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (status, stty) = (dir.path().join("status"), dir.path().join("stty"));
-    let session = format!("vmrun-kill-{}", std::process::id());
     let bin = vmrun::api::builder::vmm_binary().unwrap();
     let bin = bin.to_str().unwrap();
     let cmd = format!(
@@ -285,7 +173,7 @@ fn bash_killed_from_outside_restores_the_terminal() {
         status.display(),
         stty.display()
     );
-    start_shell(&session, &cmd);
+    let t = start_shell("vmrun-kill", &cmd);
     let pids = pids_running(&[bin, "bash"]);
     assert_eq!(pids.len(), 1, "one `vmrun bash`: {pids:?}");
     let vmm = children_of(pids[0]);
@@ -293,14 +181,10 @@ fn bash_killed_from_outside_restores_the_terminal() {
     // SAFETY: signalling a process this test started.
     unsafe { libc::kill(pids[0] as i32, libc::SIGTERM) };
     let ended = Budget::new("vmrun bash to end after SIGTERM", 30, 120);
-    while !stty.exists() {
-        ended.check(|| tmux(&["capture-pane", "-p", "-t", &session]));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_file(&stty, &ended, Some(&t));
     let code = std::fs::read_to_string(&status).unwrap();
     let modes = std::fs::read_to_string(&stty).unwrap();
-    tmux(&["kill-session", "-t", &session]);
+    drop(t);
     assert_eq!(code.trim(), "143", "128 + SIGTERM");
     for m in ["icanon", "echo", "isig"] {
         assert!(

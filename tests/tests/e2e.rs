@@ -15,7 +15,7 @@ use vmrun::launch::{Rootfs, VmOptions};
 use vmrun::vstate::ExitReason;
 use vmrun_protocol::agent::{Exec, ExitStatus, PORT};
 use vmrun_protocol::status::Status;
-use vmrun_tests::host::{gnu_tar_extract, sha256, xattr};
+use vmrun_tests::host::{gnu_tar_extract, sha256, tar_listings, xattr};
 use vmrun_tests::{read_tar, t4_images, t4_rootfs, Budget};
 
 fn sh(script: &str) -> Exec {
@@ -140,6 +140,12 @@ fn upload_exec_capture_through_a_real_guest() {
     let tarfile = dir.path().join("upper.tar");
     std::fs::write(&tarfile, &tar).unwrap();
     gnu_tar_extract(&tarfile, &x);
+    // The capture a real guest made reads in GNU tar, BusyBox tar and Python's tarfile.
+    for (reader, names) in tar_listings(&tarfile) {
+        for want in ["root/work/seed.bin", "etc/issue", "etc/skel/only"] {
+            assert!(names.iter().any(|n| n == want), "{reader}: {names:?}");
+        }
+    }
     assert!(std::fs::read(x.join("root/work/seed.bin")).unwrap() == payload);
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let wh = std::fs::symlink_metadata(x.join("etc/issue")).unwrap();

@@ -66,9 +66,7 @@ impl Outcome {
                 suberror,
                 rip,
                 data,
-            }) => format!(
-                "KVM could not run guest code on vCPU {cpu}: internal error {suberror} at rip {rip:#x}, data {data:x?}"
-            ),
+            }) => internal_error(*cpu, *suberror, *rip, data),
             Some(ExitReason::FailEntry { cpu, reason }) => {
                 format!("KVM refused to enter vCPU {cpu}: reason {reason:#x}")
             }
@@ -83,5 +81,129 @@ impl Outcome {
             summary,
             workload_status,
         }
+    }
+}
+
+/// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator met an instruction it lacks.
+const EMULATION: u32 = 1;
+/// `flags` bit: the instruction's length and bytes follow.
+const FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// The bytes of the instruction KVM could not emulate, when it reported them
+/// (`kvm_run.emulation_failure`: flags, then a length byte and up to 15 bytes).
+pub fn failed_instruction(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
+    if suberror != EMULATION || data.first()? & FLAG_INSTRUCTION_BYTES == 0 {
+        return None;
+    }
+    let raw: Vec<u8> = data[1..]
+        .iter()
+        .take(2)
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let len = usize::from(*raw.first()?)
+        .min(15)
+        .min(raw.len().saturating_sub(1));
+    Some(raw[1..1 + len].to_vec())
+}
+
+/// A name for the instruction `bytes` start with, for the ones guests are known to meet.
+pub fn instruction_name(bytes: &[u8]) -> Option<&'static str> {
+    let mut i = 0;
+    let mut rex_w = false;
+    let mut rep = false;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            0xf0 | 0xf2 | 0x66 | 0x2e | 0x3e | 0x26 | 0x64 | 0x65 | 0x36 => {}
+            0xf3 => rep = true,
+            0x40..=0x4f => rex_w = b & 0x08 != 0,
+            _ => break,
+        }
+        i += 1;
+    }
+    let op = &bytes[i.min(bytes.len())..];
+    let reg = |m: Option<&u8>| m.map(|m| (m >> 3) & 7);
+    Some(match op {
+        [0x0f, 0xc7, m, ..] if reg(Some(m)) == Some(1) => {
+            if rex_w {
+                "cmpxchg16b"
+            } else {
+                "cmpxchg8b"
+            }
+        }
+        [0x0f, 0xc7, m, ..] if reg(Some(m)) == Some(6) => "rdrand",
+        [0x0f, 0xc7, m, ..] if reg(Some(m)) == Some(7) => "rdseed",
+        [0x0f, 0xae, m, ..] if *m < 0xc0 && reg(Some(m)) == Some(4) => "xsave",
+        [0x0f, 0xae, m, ..] if *m < 0xc0 && reg(Some(m)) == Some(5) => "xrstor",
+        [0x0f, 0x01, 0xc1, ..] => "vmcall",
+        [0x0f, 0x01, 0xd9, ..] => "vmmcall",
+        [0x0f, 0xb8, ..] if rep => "popcnt",
+        [0x0f, 0xbc, ..] if rep => "tzcnt",
+        [0x0f, 0xbd, ..] if rep => "lzcnt",
+        [0x0f, 0x0b, ..] => "ud2",
+        [0x9b, ..] => "fwait",
+        [0xcc, ..] => "int3",
+        [0xf4, ..] => "hlt",
+        _ => return None,
+    })
+}
+
+fn internal_error(cpu: u8, suberror: u32, rip: u64, data: &[u64]) -> String {
+    let head = format!("KVM could not run guest code on vCPU {cpu}");
+    let Some(bytes) = failed_instruction(suberror, data) else {
+        return format!("{head}: internal error {suberror} at rip {rip:#x}, data {data:x?}");
+    };
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let what = match instruction_name(&bytes) {
+        Some(n) => format!("`{n}` ({})", hex.join(" ")),
+        None => format!("an instruction ({})", hex.join(" ")),
+    };
+    let supervisor = rip >= 0xffff_8000_0000_0000;
+    format!(
+        "{head}: KVM's instruction emulator cannot run {what} at rip {rip:#x}{}. On a host whose \
+         KVM emulates guest ring 0 (nested PVM; `vmrun doctor` says so) the guest kernel must \
+         avoid such instructions: use vmrun's PVM kernel variant (`vmrun images build \
+         kernel-pvm`, then drop --kernel or pass --compat pvm), or map the address to the \
+         caller with the kernel's System.map to patch it out",
+        if supervisor {
+            " (in the guest kernel, ring 0)"
+        } else {
+            ""
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulation_failures_name_the_instruction() {
+        // What a Debian cloud kernel met on a PVM host: `lock cmpxchg16b 0x20(%rbp)`.
+        let data = [1, 0x7420_4dc7_0f48_f00f, 0, 0];
+        let bytes = failed_instruction(1, &data).unwrap();
+        assert_eq!(&bytes[..6], &[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20]);
+        assert_eq!(instruction_name(&bytes), Some("cmpxchg16b"));
+        let msg = internal_error(0, 1, 0xffff_ffff_8891_7850, &data);
+        assert!(msg.contains("`cmpxchg16b` (f0 48 0f c7 4d 20"), "{msg}");
+        assert!(
+            msg.contains("ring 0") && msg.contains("kernel-pvm"),
+            "{msg}"
+        );
+        for (b, n) in [
+            (&[0x9b][..], "fwait"),
+            (&[0xcc], "int3"),
+            (&[0xf3, 0x48, 0x0f, 0xb8, 0xc0], "popcnt"),
+            (&[0x0f, 0x01, 0xc1], "vmcall"),
+            (&[0x48, 0x0f, 0xc7, 0xf0], "rdrand"),
+        ] {
+            assert_eq!(instruction_name(b), Some(n), "{b:x?}");
+        }
+        assert_eq!(instruction_name(&[0x90]), None);
+        // Without the bytes flag, or another suberror: the raw report.
+        assert_eq!(failed_instruction(1, &[0, 5]), None);
+        assert_eq!(failed_instruction(3, &[1, 5]), None);
+        assert!(internal_error(0, 3, 0x1000, &[7]).contains("internal error 3"));
+        // A length byte beyond what was sent is cut to what is there.
+        assert_eq!(failed_instruction(1, &[1, 0xff]).unwrap().len(), 7);
     }
 }

@@ -399,3 +399,25 @@ fn every_kernel_entry_path_boots() {
     assert!(e.unwrap_err().to_string().contains("no PVH entry note"));
     std::fs::remove_file(path).unwrap();
 }
+
+/// An instruction the host's emulator lacks, met in guest ring 0: where ring 0 is emulated the
+/// VM stops with a message that names the instruction and the fix; where it runs at speed the
+/// instruction just runs.
+#[test]
+fn an_instruction_the_emulator_lacks_is_named() {
+    if !kvm_or_skip("an_instruction_the_emulator_lacks_is_named") {
+        return;
+    }
+    let out = vmrun_bin()
+        .args(["test-guest", "ring0-fwait"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if vmrun::host::compat::ring0_emulated().unwrap() {
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(err.contains("cannot run `fwait` (9b"), "{err}");
+        assert!(err.contains("PVM kernel variant"), "{err}");
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{err}");
+    }
+}

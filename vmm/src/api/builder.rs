@@ -198,6 +198,9 @@ impl VmBuilder {
                 return Err(e.into());
             }
         };
+        if let Some(w) = resolved.kernel_warning() {
+            log::warn!("{w}");
+        }
         let mut record = Record::new(
             &paths.name,
             self.name.is_some(),

@@ -75,6 +75,9 @@ pub fn boot(a: &BootArgs) -> ExitCode {
         super::vm::print_resolved(&resolved);
         return ExitCode::SUCCESS;
     }
+    if let Some(w) = resolved.kernel_warning() {
+        eprintln!("vmrun: warning: {w}");
+    }
     log::info!(
         "PVM compatibility variant: {}",
         if resolved.pvm { "on" } else { "off" }

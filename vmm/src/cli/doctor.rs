@@ -72,6 +72,12 @@ impl Report {
                         "hardware speed: the hardware kernel is used"
                     }
                 );
+                let _ = writeln!(
+                    o,
+                    "    expect here, from that measure: a VM start (boot to agent ready) of about {:.0} s, an `exec true` of about {}",
+                    p.expected_start().as_secs_f64(),
+                    fmt_duration(p.expected_exec())
+                );
             }
             Some(Err(e)) => {
                 let _ = writeln!(o, "--  guest ring-0 probe failed: {e}");
@@ -104,17 +110,20 @@ impl Report {
         let t2 = self.root && self.overlayfs && self.loop_devices;
         let _ = writeln!(o, "  {}T2 guest code on the host (root, overlayfs, loop devices): root={} overlayfs={} loop={}", ok(t2), self.root, self.overlayfs, self.loop_devices);
         let _ = writeln!(o, "  {}T3 KVM with small test guests", ok(kvm));
-        let expect = match self.emulated() {
-            Some(true) => "expect about 1-2 minutes from start to the guest init (ring 0 emulated)",
-            Some(false) => "expect well under a second to the guest init",
-            None => "boot time unknown",
-        };
         let _ = writeln!(
             o,
-            "  {}T4 full Linux guest (needs {kernel} and {}): {expect}",
+            "  {}T4 full Linux guest (needs {kernel} and {})",
             ok(t4),
             images::INITRAMFS
         );
         o
+    }
+}
+
+fn fmt_duration(d: std::time::Duration) -> String {
+    if d.as_secs() >= 1 {
+        format!("{:.1} s", d.as_secs_f64())
+    } else {
+        format!("{} ms", d.as_millis())
     }
 }

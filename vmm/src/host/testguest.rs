@@ -80,6 +80,11 @@ impl Asm {
         self.0.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]);
         self
     }
+    /// Bytes as they are.
+    pub fn raw(mut self, b: &[u8]) -> Self {
+        self.0.extend_from_slice(b);
+        self
+    }
     /// jmp $ — park the vCPU.
     pub fn park(mut self) -> Self {
         self.0.extend_from_slice(&[0xeb, 0xfe]);
@@ -191,6 +196,19 @@ pub fn park() -> TestGuest {
     user(Asm::default().park())
 }
 
+/// An instruction KVM's emulator lacks, run in ring 0: `fwait` (what a kernel's FPU code
+/// meets). Where ring 0 runs at hardware speed it simply runs and the guest reports 0; where
+/// ring 0 is emulated (nested PVM) the vCPU stops with an emulation failure.
+pub fn ring0_fwait() -> TestGuest {
+    TestGuest {
+        code: Asm::default()
+            .raw(&[0x9b])
+            .report(Status::Exited(0))
+            .bytes(),
+        mode: CpuMode::Long64,
+    }
+}
+
 /// Looks a program up by name (for the hidden `vmrun test-guest` command).
 pub fn by_name(name: &str) -> Option<TestGuest> {
     Some(match name {
@@ -200,6 +218,7 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
         "mmio" => mmio(),
         "garbage" => garbage(),
         "park" => park(),
+        "ring0-fwait" => ring0_fwait(),
         _ => {
             let code = name.strip_prefix("status-")?.parse().ok()?;
             status(Status::Exited(code))

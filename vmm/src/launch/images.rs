@@ -43,6 +43,20 @@ pub fn default_rootfs() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join(ROOTFS_EXT4))
 }
 
+/// Whether `kernel` is a PVM-variant kernel vmrun built (the only kind known to run where
+/// guest ring 0 is emulated).
+pub fn is_pvm_build(kernel: &std::path::Path) -> bool {
+    let Ok(k) = kernel.canonicalize() else {
+        return false;
+    };
+    let cache = cache_dir().canonicalize().unwrap_or_else(|_| cache_dir());
+    k.strip_prefix(&cache).ok().is_some_and(|rel| {
+        rel.components()
+            .next()
+            .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with("kernel-pvm-"))
+    })
+}
+
 /// Every image with whether it is present.
 pub fn inventory() -> Vec<(&'static str, PathBuf, bool)> {
     let dir = cache_dir();

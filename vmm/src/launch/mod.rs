@@ -175,6 +175,19 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
 }
 
 impl Resolved {
+    /// A warning to give before booting: a kernel that is not vmrun's PVM variant, on a host
+    /// that emulates guest ring 0, may stop on an instruction the emulator lacks.
+    pub fn kernel_warning(&self) -> Option<String> {
+        (self.pvm && !images::is_pvm_build(&self.kernel)).then(|| {
+            format!(
+                "this host's KVM emulates guest ring 0 (nested PVM) and {} is not vmrun's PVM \
+                 kernel variant: it may stop on an instruction the emulator lacks (vmrun then \
+                 names it); `vmrun images build kernel-pvm` builds one that runs here",
+                self.kernel.display()
+            )
+        })
+    }
+
     pub fn into_config(self, opts: &VmOptions, console: ConsoleSink) -> VmConfig {
         VmConfig {
             payload: Payload::Linux {

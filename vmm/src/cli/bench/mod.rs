@@ -41,7 +41,16 @@ pub fn run(scale: Scale, guest: bool) -> String {
         "vmrun bench{} — host KVM: {kind}\n(median and p99 over n runs; throughput p99 is the slow tail)",
         if scale.quick { " --quick" } else { "" }
     );
-    eprintln!("{header}");
+    // The table (header included) goes to stdout once, at the end; stderr only says that
+    // measuring has begun.
+    eprintln!(
+        "vmrun bench: measuring ({})…",
+        if scale.quick {
+            "a few seconds"
+        } else {
+            "about a minute"
+        }
+    );
     let mut rows = Vec::new();
     rows.extend(vmm::rows(scale));
     rows.extend(agent::rows(scale));
