@@ -29,9 +29,14 @@ pub mod console {
     pub const KERNEL_PANIC: &str = "Kernel panic";
 }
 
+/// A tmpfs size that is not one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a tmpfs size; use a positive number of bytes with an optional k, m or g suffix, or a percentage of RAM up to 100% (e.g. 256M, 50%)")]
+pub struct SizeError;
+
 /// A tmpfs size: a positive number with an optional k/m/g suffix (any case), or a percentage of
 /// RAM up to 100%.
-pub fn validate_size(value: &str) -> Result<(), String> {
+pub fn validate_size(value: &str) -> Result<(), SizeError> {
     let digits = value.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', '%']);
     let suffix = &value[digits.len()..];
     let number = (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
@@ -45,7 +50,7 @@ pub fn validate_size(value: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err("not a tmpfs size; use a positive number of bytes with an optional k, m or g suffix, or a percentage of RAM up to 100% (e.g. 256M, 50%)".into())
+        Err(SizeError)
     }
 }
 

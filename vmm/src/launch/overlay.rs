@@ -33,7 +33,7 @@ pub enum Overlay {
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum OverlayError {
     #[error("--overlay-size {0}: {1}")]
-    Size(String, String),
+    Size(String, #[source] vmrun_protocol::cmdline::SizeError),
     #[error("--overlay-size applies to a tmpfs upper, not to the disk {0}; drop it (the disk's size is its own)")]
     SizeWithDisk(PathBuf),
     #[error("--overlay-fstype needs a disk upper (--overlay PATH); a tmpfs upper has no fstype")]

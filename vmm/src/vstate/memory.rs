@@ -23,6 +23,9 @@ pub enum MemoryError {
     },
 }
 
+/// What guest RAM is called in `/proc/PID/maps` (and smaps, pmap): `[anon:vmrun-guest-ram]`.
+pub const ANON_NAME: &std::ffi::CStr = c"vmrun-guest-ram";
+
 pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges = ram_ranges(mem_size)
         .into_iter()
@@ -33,10 +36,28 @@ pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
             ))
         })
         .collect::<Result<Vec<_>, MemoryError>>()?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
         mib: mem_size >> 20,
         source,
-    })
+    })?;
+    for region in mem.iter() {
+        if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
+            // SAFETY: prctl(PR_SET_VMA_ANON_NAME) on a mapping `mem` owns, of the region's
+            // length, with a NUL-terminated name that outlives the call. It only labels the
+            // mapping (and keeps the kernel from merging it with its neighbours); a kernel
+            // without CONFIG_ANON_VMA_NAME refuses it, which is harmless.
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_VMA,
+                    libc::PR_SET_VMA_ANON_NAME,
+                    host as libc::c_ulong,
+                    region.len() as libc::c_ulong,
+                    ANON_NAME.as_ptr(),
+                )
+            };
+        }
+    }
+    Ok(mem)
 }
 
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
