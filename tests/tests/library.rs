@@ -117,6 +117,22 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
         t.elapsed().as_secs_f64()
     );
 
+    // Another handle on VM a, taken by name: it works beside the owner's, and dropping it
+    // leaves the VM running (only the owner's Drop stops it).
+    let attached = Vm::attach(a.name()).unwrap();
+    let out = attached.exec(["cat", "/work/in.txt"]).unwrap();
+    assert_eq!(out.stdout, b"from the harness\n");
+    drop(attached);
+    assert!(
+        a.is_running(),
+        "an attached handle's drop does not stop the VM"
+    );
+    assert!(a.exec(["true"]).is_ok());
+    assert!(matches!(
+        Vm::attach("no-such-vm-here"),
+        Err(VmError::Runtime(_))
+    ));
+
     // A call on a VM that has stopped says so, rather than a bare connection error.
     b.agent().shutdown().unwrap();
     let off = Budget::new("VM b to stop after its agent's shutdown", 30, 120);

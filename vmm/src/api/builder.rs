@@ -15,7 +15,7 @@ use vmrun_protocol::cmdline::console::{
     DIRECT_ROOT, INIT_ERROR, INIT_READY, INIT_STARTED, KERNEL_STARTED, OVERLAY_ROOT,
 };
 
-use super::vm::{Vm, VmError};
+use super::vm::{KillSwitch, Vm, VmError};
 use crate::config::{DiskConfig, VsockConfig, DEFAULT_CID};
 use crate::host::compat::Compat;
 use crate::launch::overlay::{Overlay, ENV_TOGGLE};
@@ -61,6 +61,8 @@ impl Phase {
 
 /// Called with each phase as it is reached and the time since `start` began.
 pub type ProgressFn = Arc<dyn Fn(Phase, Duration) + Send + Sync>;
+/// Called once the VMM runs, before `start` waits for the agent.
+pub type StartedFn = Arc<dyn Fn(&KillSwitch) + Send + Sync>;
 
 /// Configures a VM; see [`Vm::builder`].
 #[derive(Clone)]
@@ -69,6 +71,7 @@ pub struct VmBuilder {
     name: Option<String>,
     boot_timeout: Option<Duration>,
     progress: Option<ProgressFn>,
+    started: Option<StartedFn>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -88,6 +91,7 @@ impl Vm {
             name: None,
             boot_timeout: None,
             progress: None,
+            started: None,
         }
     }
 }
@@ -163,6 +167,13 @@ impl VmBuilder {
         self
     }
 
+    /// Called with the VM's [`KillSwitch`] as soon as its VMM runs, before `start` waits for
+    /// the agent: a launcher that may be killed while the VM boots stops it with that.
+    pub fn on_started(mut self, f: impl Fn(&KillSwitch) + Send + Sync + 'static) -> Self {
+        self.started = Some(Arc::new(f));
+        self
+    }
+
     /// The options as they stand.
     pub fn options_ref(&self) -> &VmOptions {
         &self.opts
@@ -224,6 +235,9 @@ impl VmBuilder {
         record.pid = child.id();
         let _ = paths.write_record(&record);
         let vm = Vm::started(paths, child, claim, console.clone());
+        if let Some(f) = &self.started {
+            f(&vm.kill_switch());
+        }
         let mut watch = Watch {
             console,
             offset: 0,

@@ -103,6 +103,7 @@ pub fn bash(name: Option<&str>, vm_args: &VmArgs) -> ExitCode {
     if vm_args.dry_run {
         return dry_run(&builder);
     }
+    let (builder, _owned) = signals::own_on_start(builder);
     let (builder, bar) = progress::attach(builder, "a VM");
     let started = builder.start();
     progress::done(bar);
@@ -110,7 +111,6 @@ pub fn bash(name: Option<&str>, vm_args: &VmArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return launcher_error(e),
     };
-    let _owned = signals::own(vm.kill_switch());
     let code = shell(&vm);
     let _ = vm.shutdown();
     code

@@ -26,6 +26,7 @@ pub fn start(name: Option<&str>, args: &VmArgs) -> ExitCode {
         Some(n) => builder.name(n),
         None => builder,
     };
+    let (builder, guard) = signals::own_on_start(builder);
     let (builder, bar) = progress::attach(builder, name.unwrap_or("a VM"));
     let started = builder.start();
     progress::done(bar);
@@ -33,11 +34,11 @@ pub fn start(name: Option<&str>, args: &VmArgs) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return launcher_error(e),
     };
-    let guard = signals::own(vm.kill_switch());
     let name = match vm.detach() {
         Ok(n) => n,
         Err(e) => return launcher_error(e),
     };
+    // Detached: a signal from now on leaves it running.
     drop(guard);
     println!("{name}");
     ExitCode::SUCCESS

@@ -93,6 +93,20 @@ pub fn set_handler(h: impl Fn(libc::c_int) -> Reaction + Send + Sync + 'static) 
     let _ = HANDLER.set(Box::new(h));
 }
 
+/// Registers the VM a builder starts as soon as its VMM runs (so a launcher killed while the
+/// VM boots stops it too); the registration lasts until the returned slot is dropped, which
+/// must come after the VM itself is gone.
+pub fn own_on_start(
+    builder: vmrun::api::VmBuilder,
+) -> (vmrun::api::VmBuilder, std::sync::Arc<Mutex<Option<Owned>>>) {
+    let slot = std::sync::Arc::new(Mutex::new(None));
+    let s = slot.clone();
+    let b = builder.on_started(move |k| {
+        *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(own(k.clone()));
+    });
+    (b, slot)
+}
+
 /// Stops the VM if the launcher is killed, until the guard is dropped.
 pub struct Owned(u64);
 

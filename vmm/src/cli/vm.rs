@@ -197,6 +197,7 @@ pub fn run(
     if !chosen && (!pairs.is_empty() || capture.is_some()) {
         builder = builder.overlay(Overlay::Tmpfs { size: None });
     }
+    let (builder, _owned) = super::signals::own_on_start(builder);
     let (builder, bar) = super::progress::attach(builder, "a VM");
     let started = builder.start();
     super::progress::done(bar);
@@ -204,7 +205,6 @@ pub fn run(
         Ok(vm) => vm,
         Err(e) => return launcher_error(e),
     };
-    let _owned = super::signals::own(vm.kill_switch());
     for (src, dst) in &pairs {
         if let Err(e) = vm.upload_file(src, dst) {
             return launcher_error(format!("--upload {} → {dst}: {e}", src.display()));
