@@ -2,7 +2,7 @@
 # Installs what building and testing vmrun needs on a fresh Debian bookworm machine (as root).
 set -euo pipefail
 pkgs=(linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils
-      mmdebstrap erofs-utils e2fsprogs file tmux busybox)
+      mmdebstrap erofs-utils e2fsprogs file tmux busybox-static python3)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

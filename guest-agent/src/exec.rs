@@ -104,6 +104,11 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
                     "dumb"
                 },
             );
+        // What the init handed the agent for every program (glibc's CPU tunables on hosts
+        // that emulate guest ring 0, where AVX state leaks between tasks).
+        if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
+            cmd.env("GLIBC_TUNABLES", t);
+        }
     }
     cmd.envs(x.env.iter().map(|(k, v)| (k, v)));
 

@@ -16,6 +16,16 @@ use vmrun_protocol::cmdline::console::{AGENT_STARTED, DIRECT_ROOT, INIT_READY, O
 use vmrun_protocol::status::{InitError, Status};
 
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Environment the init hands on from its own (the kernel's command line) to what it starts.
+const INHERITED: &[&str] = &["GLIBC_TUNABLES"];
+
+/// `KEY=VALUE` for each inherited variable that is set.
+fn inherited_env() -> Vec<(String, String)> {
+    INHERITED
+        .iter()
+        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+        .collect()
+}
 /// The agent binary in the initramfs. It is opened before the switch and executed from the open
 /// file afterwards, so the new root (and its upper layer) never holds it.
 const AGENT: &str = "/vmrun-agent";
@@ -85,6 +95,7 @@ fn run_workload(argv: &[String]) -> Result<Status, Failure> {
         .env("PATH", PATH)
         .env("HOME", "/root")
         .env("TERM", "linux")
+        .envs(inherited_env())
         .current_dir("/")
         .spawn()
         .map_err(|e| Failure::new(InitError::Exec, format!("vmrun.exec: start {}", argv[0]), e))?;
@@ -99,6 +110,7 @@ fn run_agent(agent: File) -> Result<Status, Failure> {
     let arg0 = CString::new("vmrun-agent").map_err(|e| fail("argv", std::io::Error::other(e)))?;
     let env: Vec<CString> = [format!("PATH={PATH}"), "HOME=/root".to_string()]
         .into_iter()
+        .chain(inherited_env().into_iter().map(|(k, v)| format!("{k}={v}")))
         .filter_map(|s| CString::new(s).ok())
         .collect();
     let argv = [arg0.as_ptr(), std::ptr::null()];

@@ -260,6 +260,7 @@ impl Vmm {
                     base_cpuid: &base_cpuid,
                     count: cfg.vcpus,
                     all_runnable: program,
+                    hide_pv_hypercalls: cfg.hide_pv_hypercalls,
                 },
             )?;
             vcpus.push(v);

@@ -86,6 +86,9 @@ pub struct VmConfig {
     /// Wire the probe port and window (`layout::PROBE_PORT`, `PROBE_MMIO`): test programs
     /// only, never a Linux guest.
     pub probes: bool,
+    /// Hide KVM's paravirtual features that make the guest issue `vmcall`: where guest ring 0
+    /// is emulated (the PVM compatibility variant), a `vmcall` from it livelocks the vCPU.
+    pub hide_pv_hypercalls: bool,
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ fn start(g: TestGuest, vcpus: u8) -> Vmm {
         disks: vec![],
         vsock: None,
         probes: true,
+        hide_pv_hypercalls: false,
     })
     .expect("test guest starts")
 }
@@ -84,6 +85,7 @@ fn pio_and_mmio_exits_reach_their_devices() {
         disks: vec![],
         vsock: None,
         probes: false,
+        hide_pv_hypercalls: false,
     })
     .unwrap();
     assert_eq!(vmm.wait(WAIT), Some(ExitReason::Status(Status::Exited(0))));
@@ -211,6 +213,7 @@ fn linux(
         disks: vec![],
         vsock: None,
         probes: true,
+        hide_pv_hypercalls: false,
     })
 }
 
@@ -313,6 +316,7 @@ fn boot_image(
         disks: vec![],
         vsock: None,
         probes: true,
+        hide_pv_hypercalls: false,
     })
     .unwrap();
     let r = vmm.wait(WAIT);
@@ -393,6 +397,7 @@ fn every_kernel_entry_path_boots() {
             disks: vec![],
             vsock: None,
             probes: true,
+            hide_pv_hypercalls: false,
         })
         .map(|_| ())
     });

@@ -123,6 +123,7 @@ pub fn test_guest(
             uds_path,
         }),
         probes: true,
+        hide_pv_hypercalls: false,
     };
     let vmm = match Vmm::start(cfg) {
         Ok(v) => v,

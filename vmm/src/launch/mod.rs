@@ -202,6 +202,7 @@ impl Resolved {
             disks: self.disks,
             vsock: opts.vsock.clone(),
             probes: false,
+            hide_pv_hypercalls: self.pvm,
         }
     }
 }

@@ -60,6 +60,9 @@ pub struct VcpuSetup<'a> {
     pub count: u8,
     /// Start application processors running (test guests) instead of waiting for INIT/SIPI.
     pub all_runnable: bool,
+    /// Hide the paravirtual features a guest uses through `vmcall` (hosts that emulate
+    /// guest ring 0).
+    pub hide_pv_hypercalls: bool,
 }
 
 pub struct Vcpu {
@@ -110,6 +113,9 @@ impl Vcpu {
         let cpu = self.index;
         let mut cpuid = s.base_cpuid.clone();
         cpuid::normalize(cpuid.as_mut_slice(), cpu, s.count);
+        if s.hide_pv_hypercalls {
+            cpuid::hide_pv_hypercalls(cpuid.as_mut_slice());
+        }
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(setup_err(cpu, "KVM_SET_CPUID2"))?;

@@ -24,6 +24,33 @@ fn core_shift(count: u8) -> u32 {
     u32::from(count.max(1)).next_power_of_two().trailing_zeros()
 }
 
+/// KVM's paravirtual feature leaf, and the features in it whose use is a `vmcall`: unhalt
+/// kicks, IPIs, directed yields and GPA range hypercalls. Where guest ring 0 is emulated
+/// (nested PVM) a `vmcall` from it livelocks the vCPU, so those are hidden there.
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+const KVM_FEATURE_HC_MAP_GPA_RANGE: u32 = 1 << 16;
+pub const PV_HYPERCALL_FEATURES: u32 = KVM_FEATURE_PV_UNHALT
+    | KVM_FEATURE_PV_TLB_FLUSH
+    | KVM_FEATURE_PV_SEND_IPI
+    | KVM_FEATURE_PV_SCHED_YIELD
+    | KVM_FEATURE_HC_MAP_GPA_RANGE;
+
+/// Hides the paravirtual features that make a guest issue `vmcall` (see
+/// [`PV_HYPERCALL_FEATURES`]); the others (kvmclock, async page faults, steal time) are
+/// MSR-based and stay.
+pub fn hide_pv_hypercalls(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries
+        .iter_mut()
+        .filter(|e| e.function == LEAF_KVM_FEATURES)
+    {
+        e.eax &= !PV_HYPERCALL_FEATURES;
+    }
+}
+
 /// Normalises the entries for vCPU `index` of `count`.
 pub fn normalize(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
     let apic = u32::from(index);
@@ -158,6 +185,17 @@ mod tests {
         normalize(&mut e, 0, 1);
         assert_eq!(find(&e, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&e, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn pv_hypercall_features_are_hidden_and_the_rest_kept() {
+        let mut e = vec![leaf(LEAF_KVM_FEATURES, 0), leaf(LEAF_FEATURES, 0)];
+        e[0].eax = 0x01ff_ffff;
+        e[1].eax = 0xffff_ffff;
+        hide_pv_hypercalls(&mut e);
+        assert_eq!(e[0].eax & PV_HYPERCALL_FEATURES, 0);
+        assert_eq!(e[0].eax | PV_HYPERCALL_FEATURES, 0x01ff_ffff, "others kept");
+        assert_eq!(e[1].eax, 0xffff_ffff, "other leaves untouched");
     }
 
     #[test]

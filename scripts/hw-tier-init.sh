@@ -1,0 +1,39 @@
+#!/bin/busybox sh
+# /init of the hardware tier's outer VM (see hw-tier.sh): loads kvm_amd, then runs vmrun's
+# doctor, the tests in /vm/tests/list and the harness example against the hardware-kind
+# /dev/kvm, printing one "HWTIER-RESULT <name> ok|FAILED (...)" line each, then powers off.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /dev/shm /run /tmp; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+export PATH=/vm/bin:/bin HOME=/root VMRUN_CACHE=/vm/cache TMPDIR=/tmp TERM=xterm
+export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1 RUST_BACKTRACE=1
+hostname hw-tier
+up() { cut -d' ' -f1 /proc/uptime; }
+echo "HWTIER outer init at ${UPTIME:-$(up)}s; $(grep -m1 '^model name' /proc/cpuinfo)"
+for m in irqbypass ccp kvm kvm-amd; do insmod /lib/$m.ko || echo "HWTIER insmod $m failed"; done
+echo "HWTIER kvm_amd: npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
+/vm/bin/kvmpin & sleep 1
+result() { echo "HWTIER-RESULT $1 $2"; }
+a=$(up)
+if vmrun doctor >/tmp/doctor.txt 2>&1 && grep -q "hardware speed" /tmp/doctor.txt; then
+    result doctor ok
+else
+    result doctor "FAILED (does not report hardware-speed ring 0)"
+fi
+sed 's/^/HWTIER doctor: /' /tmp/doctor.txt
+for t in $(cat /vm/tests/list); do
+    a=$(up)
+    echo "HWTIER ===== test $t (TCG-emulated SVM)"
+    timeout -s KILL 900 /vm/tests/$t --test-threads=1 --show-output 2>&1
+    rc=$?
+    b=$(up)
+    if [ $rc = 0 ]; then result "$t" "ok ($(awk "BEGIN{printf \"%.1f\", $b-$a}")s)"; else result "$t" "FAILED (rc $rc)"; fi
+done
+a=$(up)
+if (cd /tmp && timeout -s KILL 300 harness /tmp/harness.tar); then
+    result harness "ok ($(awk "BEGIN{printf \"%.1f\", $(up)-$a}")s)"
+else
+    result harness FAILED
+fi
+echo "HWTIER-DONE uptime $(up)s"
+poweroff -f
