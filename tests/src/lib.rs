@@ -89,11 +89,7 @@ pub fn host_pace() -> HostPace {
     let ring0_ns = ring0.unwrap_or(PVM_REFERENCE_NS);
     let emulated = ring0.is_none_or(|ns| ns > 100.0);
     HostPace {
-        kind: if emulated {
-            "PVM-emulated ring 0"
-        } else {
-            "hardware-speed ring 0"
-        },
+        kind: vmrun::host::compat::kvm_label(emulated),
         ring0_ns,
         load: load_per_core(),
     }

@@ -61,9 +61,9 @@ fn real_kernel_boots_to_the_init_ready_line() {
     let total = t0.elapsed();
     let outcome = Outcome::new(reason.clone(), vmm.console(), Some(budget.limit()));
     eprintln!(
-        "T4 boot ({} kernel, KVM ring 0 {}):\n  {:>8.3}s  VMM started\n{}\n  {:>8.1}s  status reported: {}\n(console: {})",
+        "T4 boot ({} kernel, {}):\n  {:>8.3}s  VMM started\n{}\n  {:>8.1}s  status reported: {}\n(console: {})",
         if pvm { "PVM-variant" } else { "hardware" },
-        if pvm { "emulated" } else { "native" },
+        vmrun::host::compat::kvm_label(pvm),
         started.as_secs_f64(),
         clock.report(),
         total.as_secs_f64(),

@@ -31,11 +31,7 @@ fn upload_exec_capture_through_a_real_guest() {
     let (Some((_, _, pvm)), Some(rootfs)) = (t4_images(name), t4_rootfs(name)) else {
         return;
     };
-    let label = if pvm {
-        "PVM-emulated ring 0"
-    } else {
-        "hardware KVM"
-    };
+    let label = vmrun::host::compat::kvm_label(pvm);
     let before = sha256(&rootfs);
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vm.sock");

@@ -108,11 +108,7 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
     }
     eprintln!(
         "T4 library ({}): two VMs booted one after the other in {:.1}s; 20 concurrent execs in {:.1}s",
-        if pvm {
-            "PVM-emulated ring 0"
-        } else {
-            "hardware KVM"
-        },
+        vmrun::host::compat::kvm_label(pvm),
         booted.as_secs_f64(),
         t.elapsed().as_secs_f64()
     );

@@ -28,11 +28,7 @@ fn report(name: &str, pvm: bool, b: &Booted) {
     eprintln!(
         "T4 {name}: {:.1}s ({}), {}",
         b.secs,
-        if pvm {
-            "PVM-emulated ring 0"
-        } else {
-            "hardware KVM"
-        },
+        vmrun::host::compat::kvm_label(pvm),
         b.outcome.summary
     );
 }

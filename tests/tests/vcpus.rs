@@ -71,11 +71,7 @@ fn two_and_four_vcpus_run_work_on_every_cpu() {
         drop(vm);
         eprintln!(
             "T4 vcpus ({}): {n} vCPUs booted in {:.1}s, work on each and capture in {:.1}s",
-            if pvm {
-                "PVM-emulated ring 0"
-            } else {
-                "hardware-speed ring 0"
-            },
+            vmrun::host::compat::kvm_label(pvm),
             booted.as_secs_f64(),
             (t.elapsed() - booted).as_secs_f64()
         );

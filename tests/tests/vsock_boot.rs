@@ -91,7 +91,7 @@ fn host_stream_into_a_listening_guest_moves_data_both_ways() {
     let m = vmm.vsock_metrics().unwrap();
     eprintln!(
         "T4 vsock ({}): guest listening after {:.1}s; {} KiB echoed in {:.1}s; rx {} tx {} packets, bad {}",
-        if pvm { "PVM-emulated ring 0" } else { "hardware KVM" },
+        vmrun::host::compat::kvm_label(pvm),
         connected.as_secs_f64(),
         BYTES / 1024,
         moved.as_secs_f64(),

@@ -7,35 +7,6 @@ use vmrun::host::compat::{self, RingProbe};
 use vmrun::launch::images;
 use vmrun::vstate::vm;
 
-/// Which KVM this is: its module, and what this machine itself runs on.
-fn kvm_kind() -> String {
-    let module = ["kvm_intel", "kvm_amd", "kvm_pvm"]
-        .into_iter()
-        .find(|m| std::path::Path::new("/sys/module").join(m).exists())
-        .unwrap_or("an unknown KVM module");
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, m)| m.trim().to_string())
-        .unwrap_or_default();
-    let virtualised = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .is_some_and(|l| l.split_whitespace().any(|f| f == "hypervisor"));
-    let under = if model.contains("QEMU TCG") {
-        ", nested under QEMU's software emulator (TCG-emulated SVM/VMX: timings say nothing about real hardware)"
-    } else if module == "kvm_pvm" {
-        ", nested (PVM: guest ring 0 is emulated)"
-    } else if virtualised {
-        ", nested in a VM"
-    } else {
-        ""
-    };
-    format!("{module}{under}")
-}
-
 pub struct Report {
     pub kvm_kind: String,
     pub kvm: Result<(), String>,
@@ -56,7 +27,7 @@ impl Report {
             .then(|| compat::probe().map_err(|e| e.to_string()));
         let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
         Report {
-            kvm_kind: kvm_kind(),
+            kvm_kind: compat::kvm_kind(),
             kvm,
             probe,
             images: images::inventory(),

@@ -183,6 +183,48 @@ impl std::fmt::Display for Compat {
     }
 }
 
+/// Which KVM this is: its module, and what this machine itself runs on.
+pub fn kvm_kind() -> String {
+    let module = ["kvm_intel", "kvm_amd", "kvm_pvm"]
+        .into_iter()
+        .find(|m| std::path::Path::new("/sys/module").join(m).exists())
+        .unwrap_or("an unknown KVM module");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_default();
+    let virtualised = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .is_some_and(|l| l.split_whitespace().any(|f| f == "hypervisor"));
+    let under = if model.contains("QEMU TCG") {
+        ", nested under QEMU's software emulator (TCG-emulated SVM/VMX: timings say nothing about real hardware)"
+    } else if module == "kvm_pvm" {
+        ", nested (PVM: guest ring 0 is emulated)"
+    } else if virtualised {
+        ", nested in a VM"
+    } else {
+        ""
+    };
+    format!("{module}{under}")
+}
+
+/// A short label for figures and test results: which kind of KVM they were taken on.
+pub fn kvm_label(ring0_emulated: bool) -> &'static str {
+    let tcg = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("model name") && l.contains("QEMU TCG"));
+    match (ring0_emulated, tcg) {
+        (true, _) => "PVM-emulated ring 0",
+        (false, true) => "TCG-emulated SVM",
+        (false, false) => "hardware KVM",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
