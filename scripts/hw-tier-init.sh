@@ -5,7 +5,7 @@
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm /run /tmp; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
-export PATH=/vm/bin:/bin HOME=/root VMRUN_CACHE=/vm/cache TMPDIR=/tmp TERM=xterm
+export PATH=/vm/bin:/bin HOME=/root VMRUN_CACHE=/vm/cache TMPDIR=/tmp TERM=xterm LANG=C.UTF-8 LC_ALL=C.UTF-8
 export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1 RUST_BACKTRACE=1
 hostname hw-tier
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -14,6 +14,8 @@ for m in irqbypass ccp kvm kvm-amd; do insmod /lib/$m.ko || echo "HWTIER insmod 
 echo "HWTIER kvm_amd: npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
 /vm/bin/kvmpin & sleep 1
 result() { echo "HWTIER-RESULT $1 $2"; }
+# A debugging command handed in by hw-tier.sh (HW_DEBUG_CMD), run before everything else.
+[ -s /vm/debug.sh ] && { echo "HWTIER debug:"; sh /vm/debug.sh 2>&1 | sed 's/^/HWTIER debug: /'; }
 a=$(up)
 if vmrun doctor >/tmp/doctor.txt 2>&1 && grep -q "hardware speed" /tmp/doctor.txt; then
     result doctor ok

@@ -79,6 +79,8 @@ for tool in tar tmux mkfs.ext4 mke2fs python3 sha256sum; do
     copy_bin "$(command -v "$tool")" "$root/vm/bin/$tool"
 done
 cp -r /usr/lib/python3.11 "$root/usr/lib/" 2>/dev/null || true
+# tmux (the terminal tests) needs a UTF-8 locale.
+mkdir -p "$root/usr/lib/locale" && cp -r /usr/lib/locale/C.utf8 "$root/usr/lib/locale/"
 rm -rf "$root"/usr/lib/python3.11/{test,idlelib,tkinter,ensurepip,lib2to3,pydoc_data,__pycache__}
 mkdir -p "$root/usr/share/terminfo" && cp -r /usr/share/terminfo/x "$root/usr/share/terminfo/" 2>/dev/null || true
 mkdir -p "$root/lib/terminfo" && cp -r /lib/terminfo/* "$root/lib/terminfo/" 2>/dev/null || true
@@ -94,6 +96,7 @@ for t in "${targets[@]}"; do
 done
 cp -L "$CACHE/vmlinux" "$CACHE/initramfs.cpio" "$CACHE/rootfs.ext4" "$root/vm/cache/"
 printf '%s\n' "${targets[@]}" >"$root/vm/tests/list"
+printf '%s\n' "${HW_DEBUG_CMD:-}" >"$root/vm/debug.sh"
 # The kvmpin helper of the probe: one idle VM held for the whole session (see the init).
 cc -static -O2 -o "$root/vm/bin/kvmpin" "$REPO/scripts/kvmpin.c"
 (cd "$root" && find . | cpio -o -H newc --quiet) >"$work/outer.cpio"
