@@ -227,7 +227,7 @@ pub fn main() -> ExitCode {
             name: Some(name),
             vm,
             cmd,
-        } => vm::exec_in(&name, &vm, &cmd),
+        } => named::exec_in(&name, &vm, &cmd),
         Command::Exec {
             name: None,
             vm,

@@ -2,6 +2,7 @@
 //! background and names it; `exec NAME`, `bash NAME`, `cp`, `capture` use it; `ls` lists every
 //! VM of the runtime directory; `stop` ends them and removes what they left.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +12,7 @@ use vmrun::runtime;
 
 use super::args::VmArgs;
 use super::exit::{exit_code, launcher_error};
+use super::vm::{command_code, CmdArgs};
 use super::{progress, signals, vm};
 
 /// `vmrun start`: boots a VM in the background and prints its name once its agent answers.
@@ -59,6 +61,21 @@ fn age(created: u64) -> String {
         120..=7199 => format!("{}m", s / 60),
         7200..=172_799 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86400),
+    }
+}
+
+/// `vmrun exec NAME -- …`: a command in a running VM.
+pub fn exec_in(name: &str, vm_args: &VmArgs, cmd: &CmdArgs) -> ExitCode {
+    if let Err(code) = no_vm_options(name, vm_args) {
+        return code;
+    }
+    let exec = match cmd.exec(!std::io::stdin().is_terminal()) {
+        Ok(e) => e,
+        Err(e) => return launcher_error(e),
+    };
+    match attach(name) {
+        Ok(vm) => command_code(&vm, exec),
+        Err(code) => code,
     }
 }
 

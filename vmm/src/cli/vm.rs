@@ -68,7 +68,7 @@ pub struct CmdArgs {
 }
 
 impl CmdArgs {
-    fn exec(&self, stdin: bool) -> Result<Exec, String> {
+    pub fn exec(&self, stdin: bool) -> Result<Exec, String> {
         let env = self
             .env
             .iter()
@@ -130,7 +130,7 @@ fn stream(vm: &Vm, exec: Exec) -> Result<i32, VmError> {
 }
 
 /// A command's exit code, or what its failure to start means (127, 126, else 125).
-fn command_code(vm: &Vm, exec: Exec) -> ExitCode {
+pub fn command_code(vm: &Vm, exec: Exec) -> ExitCode {
     match stream(vm, exec) {
         Ok(c) => exit_code(c),
         Err(e) => match spawn_failure(&e) {
@@ -140,21 +140,6 @@ fn command_code(vm: &Vm, exec: Exec) -> ExitCode {
             }
             None => launcher_error(e),
         },
-    }
-}
-
-/// `vmrun exec NAME -- …`: a command in a running VM.
-pub fn exec_in(name: &str, vm_args: &VmArgs, cmd: &CmdArgs) -> ExitCode {
-    if let Err(code) = super::named::no_vm_options(name, vm_args) {
-        return code;
-    }
-    let exec = match cmd.exec(!std::io::stdin().is_terminal()) {
-        Ok(e) => e,
-        Err(e) => return launcher_error(e),
-    };
-    match super::named::attach(name) {
-        Ok(vm) => command_code(&vm, exec),
-        Err(code) => code,
     }
 }
 
