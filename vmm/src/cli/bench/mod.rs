@@ -14,32 +14,46 @@ pub use table::Scale;
 
 /// The host's KVM, for the header: what the guest figures (if any) measure.
 fn kvm_kind() -> (String, bool) {
-    match vmrun::host::compat::probe() {
+    let module = vmrun::host::compat::kvm_kind();
+    let kind = match vmrun::host::compat::probe() {
         Ok(p) if p.ring0_emulated() => (
             format!(
-                "nested PVM-style KVM: guest ring 0 emulated ({:.0} ns per ring-0 loop iteration, {:.2} ns in ring 3)",
+                "guest ring 0 emulated ({:.0} ns per ring-0 loop iteration, {:.2} ns in ring 3)",
                 p.ring0_ns_per_iter, p.ring3_ns_per_iter
             ),
             false,
         ),
         Ok(p) => (
             format!(
-                "hardware-assisted KVM: guest ring 0 at speed ({:.2} ns per ring-0 loop iteration)",
+                "guest ring 0 at speed ({:.2} ns per ring-0 loop iteration)",
                 p.ring0_ns_per_iter
             ),
             true,
         ),
         Err(e) => (format!("KVM unavailable ({e})"), false),
-    }
+    };
+    (format!("{module}; {}", kind.0), kind.1)
+}
+
+/// Whether this machine's own CPU is QEMU's software emulator: then every row, host-side
+/// ones included, times the emulator and no target can be judged.
+fn cpu_emulated() -> bool {
+    vmrun::host::compat::kvm_label(false) == "TCG-emulated SVM"
 }
 
 /// Runs every row and prints the table; `guest` forces the in-VM rows on a host that
 /// emulates ring 0 (they are then labelled as emulator figures).
 pub fn run(scale: Scale, guest: bool) -> String {
     let (kind, at_speed) = kvm_kind();
+    let judged = !cpu_emulated();
     let header = format!(
-        "vmrun bench{} — host KVM: {kind}\n(median and p99 over n runs; throughput p99 is the slow tail)",
-        if scale.quick { " --quick" } else { "" }
+        "vmrun bench{} — host KVM: {kind}\n(median and p99 over n runs; throughput p99 is the slow tail){}",
+        if scale.quick { " --quick" } else { "" },
+        if judged {
+            ""
+        } else {
+            "\nthis CPU is QEMU's software emulator: every figure times it, so targets are not judged"
+        }
     );
     // The table (header included) goes to stdout once, at the end; stderr only says that
     // measuring has begun.
@@ -56,5 +70,5 @@ pub fn run(scale: Scale, guest: bool) -> String {
     rows.extend(agent::rows(scale));
     rows.extend(vsock::rows(scale));
     rows.extend(guest::rows(scale, at_speed, guest));
-    render(&header, &rows)
+    render(&header, &rows, judged)
 }

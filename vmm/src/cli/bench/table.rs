@@ -156,8 +156,9 @@ fn fmt_goal(g: Goal) -> String {
     }
 }
 
-/// The table, as printed.
-pub fn render(header: &str, rows: &[Row]) -> String {
+/// The table, as printed. `judged` is false where every figure times an emulated CPU
+/// (QEMU TCG): the targets are for real hosts, so the verdict column says "n/a".
+pub fn render(header: &str, rows: &[Row], judged: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{header}");
     let name_w = rows
@@ -183,7 +184,10 @@ pub fn render(header: &str, rows: &[Row]) -> String {
                     r.unit,
                     s.n,
                     fmt_goal(r.goal),
-                    r.verdict()
+                    match (judged, r.verdict()) {
+                        (false, v) if !v.is_empty() => "n/a",
+                        (_, v) => v,
+                    }
                 );
             }
             Err(why) => {
@@ -219,7 +223,11 @@ mod tests {
         let r = Row::new("rtt", "µs", Goal::AtMost(10.0)).samples(&v);
         assert_eq!(r.verdict(), "MISSED");
         let r = Row::new("x", "ms", Goal::None).absent("because");
-        let t = render("h", &[r]);
+        let t = render("h", &[r], true);
         assert!(t.contains("absent: because"), "{t}");
+        let rtt = || Row::new("rtt", "µs", Goal::AtMost(10.0)).samples(&v);
+        assert!(render("h", &[rtt()], true).contains("MISSED"));
+        let t = render("h", &[rtt()], false);
+        assert!(t.contains("n/a") && !t.contains("MISSED"), "{t}");
     }
 }
