@@ -64,8 +64,7 @@ fn search_path(name: &str, path: &str) -> Option<std::path::PathBuf> {
 fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     let argv0 = x.argv[0].as_str();
     // The common case (no terminal, chroot or identity change) needs nothing between fork and
-    // exec, so std can use posix_spawn (vfork-like: no copy of the agent's page tables),
-    // which it does only for a program given as a path.
+    // exec, so it is started with posix_spawn (`crate::spawn`), which takes a path.
     let simple = x.pty.is_none() && !cfg.chroot && x.uid.is_none() && x.gid.is_none();
     let program = if simple && !argv0.contains('/') {
         let path = x
@@ -87,30 +86,32 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     } else {
         argv0.into()
     };
+    let env = child_env(x);
+    if simple {
+        // posix_spawn (vfork-like: no copy of the agent's page tables); see `spawn`.
+        let cwd = match &x.cwd {
+            Some(c) => cfg.resolve(c)?,
+            None => cfg.root.clone(),
+        };
+        let program = cstring(&program.to_string_lossy(), "the program path")?;
+        let argv = x
+            .argv
+            .iter()
+            .map(|a| cstring(a, "an argument"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let env = env
+            .iter()
+            .map(|(k, v)| cstring(&format!("{k}={v}"), "an environment variable"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cwd = cstring(&cwd.to_string_lossy(), "cwd")?;
+        let s = crate::spawn::spawn(&program, &argv, &env, &cwd, x.stdin)
+            .map_err(|e| spawn_error(argv0, &e))?;
+        return supervised(argv0, s.pid, s.stdin, s.stdout, Some(s.stderr), false);
+    }
     let mut cmd = Command::new(&program);
     cmd.arg0(argv0);
     cmd.args(&x.argv[1..]);
-    if x.clear_env {
-        cmd.env_clear();
-    } else {
-        cmd.env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("HOME", "/root")
-            .env(
-                "TERM",
-                if x.pty.is_some() {
-                    "xterm-256color"
-                } else {
-                    "dumb"
-                },
-            );
-        // What the init handed the agent for every program (glibc's CPU tunables on hosts
-        // that emulate guest ring 0, where AVX state leaks between tasks).
-        if let Some(t) = std::env::var_os("GLIBC_TUNABLES") {
-            cmd.env("GLIBC_TUNABLES", t);
-        }
-    }
-    cmd.envs(x.env.iter().map(|(k, v)| (k, v)));
+    cmd.env_clear().envs(env);
 
     let chroot = if cfg.chroot {
         Some(cstring(&cfg.root.to_string_lossy(), "root")?)
@@ -177,27 +178,9 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         .stderr(Stdio::piped());
     }
     let pty = pty_master.is_some();
-    if simple {
-        // Its own process group, the one timeouts and signals address (no terminal, so no
-        // session is needed).
-        cmd.process_group(0);
-    } else {
-        set_up_child(&mut cmd, pty, chroot, cwd, uid, gid);
-    }
+    set_up_child(&mut cmd, pty, chroot, cwd, uid, gid);
     let mut child = cmd.spawn().map_err(|e| spawn_error(argv0, &e))?;
     let pid = child.id() as i32;
-    // SAFETY: pidfd_open on our own child's pid; the result is checked.
-    let pfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
-    if pfd < 0 {
-        let e = io::Error::last_os_error();
-        // SAFETY: killing our own child's process group.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
-        let _ = child.wait();
-        return Err(spawn_error(argv0, &e));
-    }
-    // SAFETY: a fresh pidfd we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pfd) };
-    normal_oom_score(pid);
     let (stdin, out, err) = match pty_master {
         Some(m) => {
             let f = File::from(m);
@@ -211,6 +194,59 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         ),
     };
     // `child` is dropped without waiting: the pidfd is how we learn it ended.
+    drop(child);
+    supervised(argv0, pid, stdin, out, err, pty)
+}
+
+/// The environment a command gets: a default PATH, HOME and TERM (unless the request clears
+/// it), what the init handed the agent for every program, then the request's own (later
+/// entries win).
+fn child_env(x: &Exec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    if !x.clear_env {
+        let term = if x.pty.is_some() {
+            "xterm-256color"
+        } else {
+            "dumb"
+        };
+        env.push(("PATH".into(), DEFAULT_PATH.into()));
+        env.push(("HOME".into(), "/root".into()));
+        env.push(("TERM".into(), term.into()));
+        // glibc's CPU tunables on hosts that emulate guest ring 0, where AVX state leaks
+        // between tasks.
+        if let Ok(t) = std::env::var("GLIBC_TUNABLES") {
+            env.push(("GLIBC_TUNABLES".into(), t));
+        }
+    }
+    for (k, v) in &x.env {
+        env.retain(|(e, _)| e != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+/// A started command under supervision: a pidfd to learn when it ends, the OOM score of an
+/// ordinary process.
+fn supervised(
+    argv0: &str,
+    pid: i32,
+    stdin: Option<File>,
+    out: File,
+    err: Option<File>,
+    pty: bool,
+) -> Result<Running, ErrorInfo> {
+    // SAFETY: pidfd_open on our own child's pid; the result is checked.
+    let pfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if pfd < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: killing our own child's process group.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = reap(pid, false);
+        return Err(spawn_error(argv0, &e));
+    }
+    // SAFETY: a fresh pidfd we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pfd) };
+    normal_oom_score(pid);
     Ok(Running {
         pid,
         pidfd,

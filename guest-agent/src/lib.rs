@@ -10,5 +10,6 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod server;
+pub mod spawn;
 
 pub use config::Config;

@@ -32,6 +32,7 @@ use crate::devices::virtio::Interrupt;
 use crate::vstate::bus::BusError;
 use crate::vstate::exit::{ExitReason, ExitState};
 use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::stats;
 use crate::vstate::vcpu::{self, Buses, Vcpu, VcpuError, VcpuSetup};
 use crate::vstate::vm::{self, KvmError};
 
@@ -123,6 +124,7 @@ pub struct Vmm {
     // Kept alive for the vCPU threads: the VM fd and the memory KVM maps.
     _vm: VmFd,
     _mem: GuestMemoryMmap,
+    _stats: Vec<std::fs::File>,
 }
 
 impl Vmm {
@@ -194,6 +196,11 @@ impl Vmm {
 
         let first_run = Arc::new(AtomicU64::new(0));
         let vcpus = Self::create_vcpus(&kvm, &vm, &mem, &cfg, &entry, &buses, &exit, &first_run)?;
+        // Kept open for readers outside this process (`vmrun profile`).
+        let stats = std::iter::once(stats::open(&vm))
+            .chain(vcpus.iter().map(|v| stats::open(&v.fd)))
+            .flatten()
+            .collect();
         let mut vmm = Vmm {
             exit: exit.clone(),
             threads: Vec::new(),
@@ -206,6 +213,7 @@ impl Vmm {
             started,
             _vm: vm,
             _mem: mem,
+            _stats: stats,
         };
         vmm.event_thread = Some(
             std::thread::Builder::new()

@@ -426,3 +426,43 @@ fn an_instruction_the_emulator_lacks_is_named() {
         assert_eq!(out.status.code(), Some(0), "{err}");
     }
 }
+
+/// KVM's counters for a VM are readable from outside its VMM (what `vmrun profile` does):
+/// the VM's and each vCPU's stats files, with the exit counters KVM keeps for every VM.
+#[test]
+fn kvm_counters_are_read_from_outside_the_vmm() {
+    if !kvm_or_skip("kvm_counters_are_read_from_outside_the_vmm") {
+        return;
+    }
+    let mut child = vmrun_bin()
+        .args(["test-guest", "park"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        match vmrun::host::kvmstats::KvmStats::attach(child.id()) {
+            Ok(s) if s.vcpus() == 1 => break s,
+            // The VMM has not opened its stats files yet.
+            r if Instant::now() < deadline => {
+                drop(r);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(s) => panic!("{} vCPU stats files, want 1", s.vcpus()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let a = stats.read().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = stats.read().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    for name in ["exits", "halt_exits", "pf_taken", "insn_emulation"] {
+        assert!(a.contains_key(name), "no `{name}` among {:?}", a.keys());
+        assert!(b[name] >= a[name], "{name} went backwards");
+    }
+    assert!(
+        a.keys().any(|k| k.starts_with("vm.")),
+        "no VM-level counters"
+    );
+}

@@ -72,6 +72,7 @@ pub struct VmBuilder {
     boot_timeout: Option<Duration>,
     progress: Option<ProgressFn>,
     started: Option<StartedFn>,
+    binary: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -92,6 +93,7 @@ impl Vm {
             boot_timeout: None,
             progress: None,
             started: None,
+            binary: None,
         }
     }
 }
@@ -126,7 +128,7 @@ impl VmBuilder {
         self
     }
     pub fn memory_mib(mut self, mib: u64) -> Self {
-        self.opts.memory_mib = mib;
+        self.opts.memory_mib = Some(mib);
         self
     }
     pub fn vcpus(mut self, n: u8) -> Self {
@@ -161,6 +163,12 @@ impl VmBuilder {
         self.opts.compat = c;
         self
     }
+    /// The `vmrun` binary that runs the VMM (default: [`vmm_binary`]); `vmrun profile` runs
+    /// other builds with it.
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
     /// Called as the start passes each [`Phase`].
     pub fn on_progress(mut self, f: impl Fn(Phase, Duration) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));
@@ -192,7 +200,16 @@ impl VmBuilder {
         let env = std::env::var(ENV_TOGGLE).ok();
         // Refuse bad options before anything is made on the host.
         launch::resolve(&self.opts, env.as_deref())?;
-        let bin = vmm_binary()?;
+        let bin = match self.binary.clone() {
+            Some(b) if b.is_file() => b,
+            Some(b) => {
+                return Err(VmError::Binary(format!(
+                    "{} is not a file; point the builder at a vmrun binary",
+                    b.display()
+                )))
+            }
+            None => vmm_binary()?,
+        };
         let claim = Claim::new(self.name.as_deref())?;
         let paths = claim.paths.clone();
         let mut opts = self.opts.clone();
@@ -216,7 +233,7 @@ impl VmBuilder {
             &paths.name,
             self.name.is_some(),
             overlay_label(&resolved.overlay),
-            opts.memory_mib,
+            resolved.memory_mib,
             opts.vcpus,
         );
         let timeout = self.boot_timeout.unwrap_or(if resolved.pvm {

@@ -198,6 +198,17 @@ impl Vm {
         &self.paths
     }
 
+    /// The VMM's process id (started here, or from the VM's record when attached).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        let own = self
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Child::id);
+        own.or_else(|| self.paths.record().map(|r| r.pid).filter(|p| *p > 0))
+    }
+
     /// A handle that stops this VM from another thread.
     pub fn kill_switch(&self) -> KillSwitch {
         let pid = self

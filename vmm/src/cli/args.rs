@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use vmrun::api::{BootProtocol, Compat, DiskConfig, Overlay, Rootfs, VmOptions};
 use vmrun::config::{VsockConfig, DEFAULT_CID};
 use vmrun::launch::overlay::OverlayError;
-use vmrun::launch::DEFAULT_MEMORY_MIB;
 
 /// Options every command that starts a VM shares.
 #[derive(clap::Args, Clone, Debug)]
@@ -44,9 +43,9 @@ pub struct VmArgs {
     /// root.overlay= here wins over --overlay and GONDOLIN_ROOT_OVERLAY).
     #[arg(long)]
     cmdline: Option<String>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
-    memory: u64,
+    /// Guest memory in MiB [default: 512; 256 where this host emulates guest ring 0].
+    #[arg(long)]
+    memory: Option<u64>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
@@ -174,7 +173,7 @@ mod tests {
                 initrd: Some("/i/initramfs.cpio".into()),
                 rootfs: Rootfs::None,
                 overlay: Some(Overlay::None),
-                memory_mib: 128,
+                memory_mib: Some(128),
                 vcpus: 4,
                 compat: Compat::Pvm,
                 boot_protocol: BootProtocol::Linux64,
@@ -226,8 +225,9 @@ mod tests {
 
     #[test]
     fn one_default_memory_size_everywhere() {
-        assert_eq!(parse(vec![]).memory_mib, DEFAULT_MEMORY_MIB);
-        assert_eq!(VmOptions::default().memory_mib, DEFAULT_MEMORY_MIB);
+        // Left to `resolve`, which knows the host: the CLI and the library agree.
+        assert_eq!(parse(vec![]).memory_mib, None);
+        assert_eq!(VmOptions::default().memory_mib, None);
     }
 
     #[test]

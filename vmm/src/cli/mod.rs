@@ -125,6 +125,25 @@ enum Command {
         #[arg(long)]
         guest: bool,
     },
+    /// Where a VM's start and one exec spend their time: the start phases, the guest kernel's
+    /// log, KVM's exits and page faults. With several --build, the builds are compared side by
+    /// side (boots alternate between them).
+    Profile {
+        /// Boots per build.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// `exec /bin/true` round trips per boot.
+        #[arg(long, default_value_t = 10)]
+        execs: usize,
+        /// A build: NAME=DIR[,memory=MIB][,cmdline=PARAMS], DIR holding vmrun, vmlinux and
+        /// initramfs.cpio (scripts/profile-build.sh makes one); NAME alone is this vmrun with
+        /// the default images. Default: one, "this".
+        #[arg(long = "build", value_name = "NAME=DIR")]
+        builds: Vec<bench::profile::Build>,
+        /// Log every initcall's time (adds `initcall_debug`; its own cost shows in the boot).
+        #[arg(long)]
+        initcalls: bool,
+    },
     /// Manage upper-layer disks for `--overlay PATH`.
     Overlay {
         #[command(subcommand)]
@@ -302,6 +321,31 @@ pub fn main() -> ExitCode {
         Command::Bench { quick, guest } => {
             print!("{}", bench::run(bench::Scale { quick }, guest));
             ExitCode::SUCCESS
+        }
+        Command::Profile {
+            runs,
+            execs,
+            mut builds,
+            initcalls,
+        } => {
+            if builds.is_empty() {
+                builds.push("this".parse().expect("a bare name is a build"));
+            }
+            let o = bench::profile::Options {
+                runs: runs.max(1),
+                execs: execs.max(1),
+                initcalls,
+            };
+            match bench::profile::run(&builds, o) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmrun profile: {e}");
+                    exit_code(EXIT_LAUNCHER)
+                }
+            }
         }
         Command::HostKind => match vmrun::host::compat::ring0_emulated() {
             Ok(pvm) => {

@@ -2,4 +2,5 @@
 //! ring 0 (and so which kernel variant a VM needs), from the tiny test programs in `testguest`.
 
 pub mod compat;
+pub mod kvmstats;
 pub mod testguest;

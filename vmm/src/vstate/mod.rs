@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod exit;
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
 

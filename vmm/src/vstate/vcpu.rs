@@ -66,7 +66,7 @@ pub struct VcpuSetup<'a> {
 }
 
 pub struct Vcpu {
-    fd: VcpuFd,
+    pub(crate) fd: VcpuFd,
     index: u8,
     buses: Arc<Buses>,
     exit: Arc<ExitState>,

@@ -5,6 +5,7 @@
 
 mod agent;
 mod guest;
+pub mod profile;
 mod table;
 mod vmm;
 mod vsock;
