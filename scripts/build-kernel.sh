@@ -46,7 +46,8 @@ fragments=("$REPO/images/kernel/microvm.config")
 make -s tinyconfig >/dev/null
 ./scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >config.log 2>&1
 make -s olddefconfig >>config.log 2>&1
-# Every option the fragments ask for must have survived dependency resolution.
+# Every option the fragments ask for must have survived dependency resolution (where two
+# fragments set one option, the later one wins, as in merge_config.sh).
 missing=()
 while IFS= read -r line; do
     case "$line" in
@@ -55,7 +56,11 @@ while IFS= read -r line; do
             opt=${line#\# }; opt=${opt%% *}
             if grep -qE "^$opt=" .config; then missing+=("$line (got: $(grep -E "^$opt=" .config))"); fi ;;
     esac
-done < <(cat "${fragments[@]}")
+done < <(cat "${fragments[@]}" | awk '
+    /^CONFIG_[A-Za-z0-9_]+=/ { k = $0; sub(/=.*/, "", k) }
+    /^# CONFIG_[A-Za-z0-9_]+ is not set/ { k = $2 }
+    k != "" { last[k] = $0; order[++n] = k; k = "" }
+    END { for (i = 1; i <= n; i++) if (!(order[i] in done)) { done[order[i]] = 1; print last[order[i]] } }')
 if [ "${#missing[@]}" -gt 0 ]; then
     printf '  %s\n' "${missing[@]}" >&2
     die "the kernel config does not hold what the fragments ask (dependencies?); see $build/config.log"

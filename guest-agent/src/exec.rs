@@ -63,9 +63,10 @@ fn search_path(name: &str, path: &str) -> Option<std::path::PathBuf> {
 
 fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     let argv0 = x.argv[0].as_str();
-    // The common case (no terminal, chroot or identity change) needs nothing between fork and
-    // exec, so it is started with posix_spawn (`crate::spawn`), which takes a path.
-    let simple = x.pty.is_none() && !cfg.chroot && x.uid.is_none() && x.gid.is_none();
+    // The common case (no chroot or identity change; a terminal is fine) needs nothing
+    // between fork and exec that posix_spawn cannot do, so it is started that way
+    // (`crate::spawn`), which takes a path.
+    let simple = !cfg.chroot && x.uid.is_none() && x.gid.is_none();
     let program = if simple && !argv0.contains('/') {
         let path = x
             .env
@@ -87,6 +88,7 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         argv0.into()
     };
     let env = child_env(x);
+    let pty = x.pty.map(|(rows, cols)| open_pty(rows, cols)).transpose()?;
     if simple {
         // posix_spawn (vfork-like: no copy of the agent's page tables); see `spawn`.
         let cwd = match &x.cwd {
@@ -104,9 +106,34 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
             .map(|(k, v)| cstring(&format!("{k}={v}"), "an environment variable"))
             .collect::<Result<Vec<_>, _>>()?;
         let cwd = cstring(&cwd.to_string_lossy(), "cwd")?;
-        let s = crate::spawn::spawn(&program, &argv, &env, &cwd, x.stdin)
-            .map_err(|e| spawn_error(argv0, &e))?;
-        return supervised(argv0, s.pid, s.stdin, s.stdout, Some(s.stderr), false);
+        return match pty {
+            Some((master, slave)) => {
+                let path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))
+                    .map_err(|e| spawn_error(argv0, &e))?;
+                let path = cstring(&path.to_string_lossy(), "the terminal's path")?;
+                let s = crate::spawn::spawn(
+                    &program,
+                    &argv,
+                    &env,
+                    &cwd,
+                    crate::spawn::ChildIo::Terminal(&path),
+                )
+                .map_err(|e| spawn_error(argv0, &e))?;
+                drop(slave);
+                let out = File::from(master);
+                let stdin = if x.stdin { out.try_clone().ok() } else { None };
+                supervised(argv0, s.pid, stdin, out, None, true)
+            }
+            None => {
+                let io = crate::spawn::ChildIo::Pipes {
+                    with_stdin: x.stdin,
+                };
+                let s = crate::spawn::spawn(&program, &argv, &env, &cwd, io)
+                    .map_err(|e| spawn_error(argv0, &e))?;
+                let out = s.stdout.expect("pipes give a stdout");
+                supervised(argv0, s.pid, s.stdin, out, s.stderr, false)
+            }
+        };
     }
     let mut cmd = Command::new(&program);
     cmd.arg0(argv0);
@@ -133,29 +160,7 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     let (uid, gid) = (x.uid, x.gid);
 
     let mut pty_master: Option<OwnedFd> = None;
-    if let Some((rows, cols)) = x.pty {
-        let (mut m, mut s) = (-1, -1);
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: out-pointers to two ints and a valid winsize; name and termios may be null.
-        if unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) }
-            != 0
-        {
-            let e = io::Error::last_os_error();
-            let message =
-                format!("cannot open a pseudo-terminal: {e} (is devpts mounted on /dev/pts?)");
-            return Err(ErrorInfo {
-                kind: ErrorKind::Io,
-                errno: e.raw_os_error().unwrap_or(0),
-                message,
-            });
-        }
-        // SAFETY: openpty returned two fresh fds that we now own.
-        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+    if let Some((master, slave)) = pty {
         let dup = |f: &OwnedFd| {
             f.try_clone()
                 .map(Stdio::from)
@@ -164,9 +169,6 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         cmd.stdin(dup(&slave)?)
             .stdout(dup(&slave)?)
             .stderr(Stdio::from(slave));
-        // The master must not leak into the child.
-        // SAFETY: fcntl on an fd we own.
-        unsafe { libc::fcntl(master.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
         pty_master = Some(master);
     } else {
         cmd.stdin(if x.stdin {
@@ -196,6 +198,35 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     // `child` is dropped without waiting: the pidfd is how we learn it ended.
     drop(child);
     supervised(argv0, pid, stdin, out, err, pty)
+}
+
+/// A pseudo-terminal of this size: (master, slave), both close-on-exec (the command gets the
+/// slave as its stdin, stdout and stderr; the master must not leak into it).
+fn open_pty(rows: u16, cols: u16) -> Result<(OwnedFd, OwnedFd), ErrorInfo> {
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: out-pointers to two ints and a valid winsize; name and termios may be null.
+    if unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) } != 0 {
+        let e = io::Error::last_os_error();
+        let message =
+            format!("cannot open a pseudo-terminal: {e} (is devpts mounted on /dev/pts?)");
+        return Err(ErrorInfo {
+            kind: ErrorKind::Io,
+            errno: e.raw_os_error().unwrap_or(0),
+            message,
+        });
+    }
+    // SAFETY: openpty returned two fresh fds that we now own; fcntl on them.
+    unsafe {
+        libc::fcntl(m, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(s, libc::F_SETFD, libc::FD_CLOEXEC);
+        Ok((OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)))
+    }
 }
 
 /// The environment a command gets: a default PATH, HOME and TERM (unless the request clears

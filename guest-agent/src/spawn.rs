@@ -8,19 +8,30 @@
 //! a statically linked binary (as the agent is), and then falls back to fork + exec whenever a
 //! working directory is set, which every exec here does. So the call is made directly.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// What a spawned command's parent keeps: its pid and our ends of its pipes.
+/// How the command's stdin, stdout and stderr are connected.
+pub enum ChildIo<'a> {
+    /// Pipes for stdout and stderr, and for stdin when asked (else /dev/null). The command
+    /// leads a process group of its own.
+    Pipes { with_stdin: bool },
+    /// A pseudo-terminal's slave, by path, on all three: the command leads a session of its
+    /// own, and opening the terminal makes it the session's controlling terminal.
+    Terminal(&'a CStr),
+}
+
+/// What a spawned command's parent keeps: its pid and our ends of its pipes (none for a
+/// terminal: the caller holds the master).
 pub struct Spawned {
     pub pid: i32,
-    /// Write end of its stdin (when asked for; otherwise its stdin is /dev/null).
+    /// Write end of its stdin (pipes with stdin only).
     pub stdin: Option<File>,
-    pub stdout: File,
-    pub stderr: File,
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
 }
 
 /// Owns a posix_spawn file-actions object and destroys it on every path out.
@@ -61,38 +72,68 @@ fn check(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Starts `program` (a path) with `argv` and `env` in `cwd`, in a process group of its own,
-/// with the default signal mask and SIGPIPE at its default (the agent ignores it).
+/// Starts `program` (a path) with `argv` and `env` in `cwd`, with the default signal mask
+/// and SIGPIPE at its default (the agent ignores it).
 pub fn spawn(
-    program: &CString,
+    program: &CStr,
     argv: &[CString],
     env: &[CString],
-    cwd: &CString,
-    with_stdin: bool,
+    cwd: &CStr,
+    io: ChildIo,
 ) -> io::Result<Spawned> {
-    // Every pipe end is close-on-exec; the child gets its ends as 0/1/2 through dup2, which
-    // clears the flag on the copy.
-    let (out_r, out_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
-    let (stdin_w, stdin_r): (Option<OwnedFd>, OwnedFd) = if with_stdin {
-        let (r, w) = pipe()?;
-        (Some(w), r)
-    } else {
-        (None, OwnedFd::from(File::open("/dev/null")?))
-    };
-
     let mut fa = MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
     // SAFETY: initialises the object in place; checked before use.
     check(unsafe { libc::posix_spawn_file_actions_init(fa.as_mut_ptr()) })?;
     // SAFETY: initialised just above.
     let mut fa = Actions(unsafe { fa.assume_init() });
-    for (fd, to) in [
-        (stdin_r.as_raw_fd(), 0),
-        (out_w.as_raw_fd(), 1),
-        (err_w.as_raw_fd(), 2),
-    ] {
-        // SAFETY: a valid actions object and fds that stay open until posix_spawn returns.
-        check(unsafe { libc::posix_spawn_file_actions_adddup2(&mut fa.0, fd, to) })?;
+    let mut ours = Spawned {
+        pid: 0,
+        stdin: None,
+        stdout: None,
+        stderr: None,
+    };
+    // The child's ends, closed here once it has its copies.
+    let mut theirs: Vec<OwnedFd> = Vec::new();
+    let session = matches!(io, ChildIo::Terminal(_));
+    match io {
+        ChildIo::Pipes { with_stdin } => {
+            // Every pipe end is close-on-exec; the child gets its ends as 0/1/2 through
+            // dup2, which clears the flag on the copy.
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            let stdin_r = if with_stdin {
+                let (r, w) = pipe()?;
+                ours.stdin = Some(File::from(w));
+                r
+            } else {
+                OwnedFd::from(File::open("/dev/null")?)
+            };
+            ours.stdout = Some(File::from(out_r));
+            ours.stderr = Some(File::from(err_r));
+            theirs = vec![stdin_r, out_w, err_w];
+            for (fd, to) in theirs.iter().zip(0..) {
+                // SAFETY: a valid actions object and an fd that stays open until
+                // posix_spawn returns.
+                check(unsafe {
+                    libc::posix_spawn_file_actions_adddup2(&mut fa.0, fd.as_raw_fd(), to)
+                })?;
+            }
+        }
+        ChildIo::Terminal(slave) => {
+            // SAFETY: a valid actions object and a NUL-terminated path that outlives the
+            // call; then plain dup2 actions.
+            unsafe {
+                check(libc::posix_spawn_file_actions_addopen(
+                    &mut fa.0,
+                    0,
+                    slave.as_ptr(),
+                    libc::O_RDWR,
+                    0,
+                ))?;
+                check(libc::posix_spawn_file_actions_adddup2(&mut fa.0, 0, 1))?;
+                check(libc::posix_spawn_file_actions_adddup2(&mut fa.0, 0, 2))?;
+            }
+        }
     }
     // SAFETY: a valid actions object and a NUL-terminated path that outlives the call.
     check(unsafe { libc::posix_spawn_file_actions_addchdir_np(&mut fa.0, cwd.as_ptr()) })?;
@@ -110,9 +151,14 @@ pub fn spawn(
         libc::sigemptyset(none.as_mut_ptr());
         libc::sigemptyset(pipe_sig.as_mut_ptr());
         libc::sigaddset(pipe_sig.as_mut_ptr(), libc::SIGPIPE);
-        let flags = libc::POSIX_SPAWN_SETPGROUP
-            | libc::POSIX_SPAWN_SETSIGMASK
-            | libc::POSIX_SPAWN_SETSIGDEF;
+        // A session (glibc makes it before the file actions run, so opening the terminal
+        // makes it the controlling one), or a process group.
+        let group = if session {
+            libc::POSIX_SPAWN_SETSID as libc::c_int
+        } else {
+            libc::POSIX_SPAWN_SETPGROUP
+        };
+        let flags = group | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
         check(libc::posix_spawnattr_setflags(
             &mut attr.0,
             flags as libc::c_short,
@@ -143,14 +189,9 @@ pub fn spawn(
             env_p.as_ptr(),
         )
     })?;
-    // The child's ends close here (dropped with the guards and the locals).
-    drop((out_w, err_w, stdin_r));
-    Ok(Spawned {
-        pid,
-        stdin: stdin_w.map(File::from),
-        stdout: File::from(out_r),
-        stderr: File::from(err_r),
-    })
+    drop(theirs);
+    ours.pid = pid;
+    Ok(ours)
 }
 
 #[cfg(test)]
@@ -179,14 +220,14 @@ mod tests {
             &[c("sh"), c("-c"), c(script)],
             &[c("V=env-ok"), c("PATH=/usr/bin:/bin")],
             &c(dir.path().to_str().unwrap()),
-            true,
+            ChildIo::Pipes { with_stdin: true },
         )
         .unwrap();
         s.stdin.take().unwrap().write_all(b"in-ok\n").unwrap();
         let mut out = String::new();
-        s.stdout.read_to_string(&mut out).unwrap();
+        s.stdout.unwrap().read_to_string(&mut out).unwrap();
         let mut err = String::new();
-        s.stderr.read_to_string(&mut err).unwrap();
+        s.stderr.unwrap().read_to_string(&mut err).unwrap();
         let real = std::fs::canonicalize(dir.path()).unwrap();
         assert_eq!(out, format!("in-ok {} env-ok\n", real.display()));
         assert_eq!(err, "err\n");
@@ -201,12 +242,13 @@ mod tests {
             &[c("sh"), c("-c"), c("cat; exit 3")],
             &[],
             &c("/"),
-            false,
+            ChildIo::Pipes { with_stdin: false },
         )
         .unwrap();
         assert!(s.stdin.is_none());
         assert_eq!(wait(s.pid), 3);
-        let e = spawn(&c("/nonexistent/prog"), &[c("prog")], &[], &c("/"), false)
+        let none = || ChildIo::Pipes { with_stdin: false };
+        let e = spawn(&c("/nonexistent/prog"), &[c("prog")], &[], &c("/"), none())
             .err()
             .unwrap();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
@@ -215,10 +257,45 @@ mod tests {
             &[c("true")],
             &[],
             &c("/nonexistent-dir"),
-            false,
+            none(),
         )
         .err()
         .unwrap();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn on_a_terminal_it_leads_a_session_with_the_terminal_as_its_own() {
+        let (mut m, mut sl) = (-1, -1);
+        // SAFETY: out-pointers to two ints; name, termios and winsize may be null.
+        let r = unsafe {
+            libc::openpty(
+                &mut m,
+                &mut sl,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: openpty returned two fresh fds that we now own.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
+        let path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd())).unwrap();
+        let path = c(path.to_str().unwrap());
+        // Exit 9 only when the shell leads its session and the terminal is its controlling one.
+        let script = "[ \"$(ps -o sid= -p $$ | tr -d ' ')\" = \"$$\" ] && tty -s && \
+                      [ \"$(ps -o tty= -p $$ | tr -d ' ')\" != '?' ] && exit 9; exit 1";
+        let s = spawn(
+            &c("/bin/sh"),
+            &[c("sh"), c("-c"), c(script)],
+            &[c("PATH=/usr/bin:/bin")],
+            &c("/"),
+            ChildIo::Terminal(&path),
+        )
+        .unwrap();
+        assert!(s.stdin.is_none() && s.stdout.is_none() && s.stderr.is_none());
+        drop(slave);
+        assert_eq!(wait(s.pid), 9);
+        drop(master);
     }
 }

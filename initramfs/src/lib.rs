@@ -5,6 +5,7 @@
 
 pub mod cmdline;
 pub mod echo;
+pub mod entropy;
 pub mod plan;
 pub mod report;
 

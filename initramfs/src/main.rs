@@ -54,6 +54,10 @@ fn main() {
 
 fn run() -> Result<Status, Failure> {
     mount_kernel_filesystems(Path::new("/"))?;
+    // Before anything asks for random bytes; a failure costs speed, not correctness.
+    if let Err(e) = vmrun_init::entropy::seed_kernel_rng() {
+        eprintln!("vmrun-init: cannot seed the kernel's random number generator: {e}");
+    }
     let line = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| Failure::new(InitError::Other, "read /proc/cmdline", e))?;
     let cfg = cmdline::parse(&line)?;
