@@ -408,22 +408,23 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) -> Resul
     let writer = Arc::new(Mutex::new(writer));
     let finished = Arc::new(AtomicBool::new(false));
     let master_fd = if pty { Some(out.as_raw_fd()) } else { None };
+    // The client's input (stdin, resizes, signals) on a pooled thread; `input_done` says
+    // when it has returned.
+    let (done_tx, input_done) = std::sync::mpsc::sync_channel::<()>(1);
     let input = {
         let finished = finished.clone();
-        std::thread::Builder::new()
-            .name("agent-input".into())
-            .spawn(move || client_input(reader, stdin, master_fd, pid, finished))
+        crate::pool::execute_here(Box::new(move || {
+            client_input(reader, stdin, master_fd, pid, finished);
+            let _ = done_tx.send(());
+        }))
     };
-    let input = match input {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("vmrun-agent: exec: cannot start the input thread: {e}");
-            // SAFETY: killing the process group we created.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-            let _ = reap(pid, false);
-            return Err(resource_error("start the command's input thread", &e));
-        }
-    };
+    if let Err(e) = input {
+        eprintln!("vmrun-agent: exec: cannot start the input thread: {e}");
+        // SAFETY: killing the process group we created.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = reap(pid, false);
+        return Err(resource_error("start the command's input thread", &e));
+    }
 
     set_nonblocking(out.as_raw_fd());
     if let Some(e) = &err {
@@ -515,7 +516,7 @@ fn supervise(s: &mut UnixStream, r: Running, timeout: Option<Duration>) -> Resul
         unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
     let _ = s.shutdown(std::net::Shutdown::Both);
-    let _ = input.join();
+    let _ = input_done.recv();
     Ok(())
 }
 

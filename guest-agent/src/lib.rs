@@ -6,9 +6,11 @@
 pub mod archive;
 pub mod capture;
 pub mod config;
+pub mod entry;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod pool;
 pub mod server;
 pub mod spawn;
 

@@ -1,4 +1,5 @@
-//! Accepting connections and dispatching one operation per connection, each on its own thread.
+//! Accepting connections and dispatching one operation per connection, each on a thread of
+//! its own (from `pool`, which reuses idle ones).
 
 use std::io::{self, Write};
 use std::os::fd::FromRawFd;
@@ -100,6 +101,8 @@ pub fn serve(listener: Listener, cfg: Config) -> io::Result<()> {
         Listener::Unix(l) => l.as_raw_fd(),
         Listener::Vsock(fd) => fd.as_raw_fd(),
     };
+    // Workers descend from this thread: they share its namespace and root.
+    let pool = crate::pool::Pool::new(crate::pool::IDLE);
     loop {
         let stream = match listener.accept() {
             Ok(s) => s,
@@ -114,21 +117,19 @@ pub fn serve(listener: Listener, cfg: Config) -> io::Result<()> {
             }
             Err(e) => return Err(e),
         };
-        // Kept to report a failed thread start on; the thread gets the original.
+        // Kept to report a failed thread start on; the job gets the original.
         let spare = stream.try_clone();
         let (cfg, stop) = (cfg.clone(), stop.clone());
-        let spawned = std::thread::Builder::new()
-            .name("agent-conn".into())
-            .spawn(move || {
-                let mut s = stream;
-                if handle(&mut s, &cfg) {
-                    stop.store(true, Ordering::SeqCst);
-                    // Wakes the accept above, which then returns. The listener outlives this
-                    // thread's use of the fd: serve() only drops it after accept fails.
-                    // SAFETY: shutdown(2) on a socket fd; no memory is involved.
-                    unsafe { libc::shutdown(lfd, libc::SHUT_RDWR) };
-                }
-            });
+        let spawned = pool.execute(Box::new(move || {
+            let mut s = stream;
+            if handle(&mut s, &cfg) {
+                stop.store(true, Ordering::SeqCst);
+                // Wakes the accept above, which then returns. The listener outlives this
+                // job's use of the fd: serve() only drops it after accept fails.
+                // SAFETY: shutdown(2) on a socket fd; no memory is involved.
+                unsafe { libc::shutdown(lfd, libc::SHUT_RDWR) };
+            }
+        }));
         if let Err(e) = spawned {
             eprintln!("vmrun-agent: cannot start a connection thread: {e}");
             if let Ok(mut s) = spare {

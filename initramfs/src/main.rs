@@ -26,12 +26,20 @@ fn inherited_env() -> Vec<(String, String)> {
         .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
         .collect()
 }
-/// The agent binary in the initramfs. It is opened before the switch and executed from the open
-/// file afterwards, so the new root (and its upper layer) never holds it.
-const AGENT: &str = "/vmrun-agent";
+/// The agent: this very binary, run under the name `vmrun-agent` (one binary in the initramfs
+/// instead of two: the guest kernel copies every initramfs byte at boot, ~4 s per MiB where
+/// guest ring 0 is emulated). It is opened before the switch and executed from the open file
+/// afterwards, so the new root (and its upper layer) never holds it.
+const AGENT: &str = "/init";
+/// The name under which this binary is the agent.
+const AGENT_NAME: &str = "vmrun-agent";
 
 fn main() {
+    let arg0 = std::env::args().next().unwrap_or_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if Path::new(&arg0).file_name().and_then(|n| n.to_str()) == Some(AGENT_NAME) {
+        vmrun_agent::entry::main(args);
+    }
     if args.first().map(String::as_str) == Some("vsock-echo") {
         // Test tooling, run as an ordinary process; never as PID 1.
         match vmrun_init::echo::run(&args[1..]) {
@@ -111,7 +119,7 @@ fn run_agent(agent: File) -> Result<Status, Failure> {
     let fail = |what: &str, e: std::io::Error| {
         Failure::new(InitError::Exec, format!("start the agent: {what}"), e)
     };
-    let arg0 = CString::new("vmrun-agent").map_err(|e| fail("argv", std::io::Error::other(e)))?;
+    let arg0 = CString::new(AGENT_NAME).map_err(|e| fail("argv", std::io::Error::other(e)))?;
     let env: Vec<CString> = [format!("PATH={PATH}"), "HOME=/root".to_string()]
         .into_iter()
         .chain(inherited_env().into_iter().map(|(k, v)| format!("{k}={v}")))

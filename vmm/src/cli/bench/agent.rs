@@ -24,7 +24,8 @@ pub fn rows(scale: Scale) -> Vec<Row> {
 }
 
 /// The agent binary: `VMRUN_AGENT_BIN`, beside this program, or taken out of the default
-/// initramfs (where `vmrun images build` put it).
+/// initramfs (where `vmrun images build` put it: its `/init` is the agent too when run under
+/// the name `vmrun-agent`).
 fn agent_binary(scratch: &Path) -> Result<PathBuf, BenchError> {
     if let Some(p) = std::env::var_os("VMRUN_AGENT_BIN") {
         return Ok(p.into());
@@ -43,9 +44,8 @@ fn agent_binary(scratch: &Path) -> Result<PathBuf, BenchError> {
             initramfs.display()
         ))
     })?;
-    let body = cpio_file(&cpio, "vmrun-agent").ok_or_else(|| {
-        BenchError::Setup(format!("{} holds no vmrun-agent", initramfs.display()))
-    })?;
+    let body = cpio_file(&cpio, "init")
+        .ok_or_else(|| BenchError::Setup(format!("{} holds no /init", initramfs.display())))?;
     let path = scratch.join("vmrun-agent");
     std::fs::write(&path, body).map_err(BenchError::io("write the agent binary"))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))

@@ -427,17 +427,17 @@ fn render(kind: &str, builds: &[Build], samples: &[Vec<Sample>], o: Options) -> 
 
     let mut head = vec!["".to_string()];
     head.extend(builds.iter().map(|b| b.name.clone()));
-    let ratio = builds.len() == 2;
-    if ratio {
-        head.push(format!("{} ÷ {}", builds[1].name, builds[0].name));
+    // Each later build against the first, as a ratio of medians.
+    for b in builds.iter().skip(1) {
+        head.push(format!("{} ÷ {}", b.name, builds[0].name));
     }
     let mut table: Vec<Vec<String>> = vec![head];
     for (label, cells) in rows {
         let mut line = vec![label];
         let vals: Vec<Option<f64>> = cells.iter().map(|c| c.1).collect();
         line.extend(cells.into_iter().map(|c| c.0));
-        if ratio {
-            line.push(match (vals[0], vals[1]) {
+        for v in vals.iter().skip(1) {
+            line.push(match (vals[0], v) {
                 (Some(a), Some(b)) if a > 0.0 => format!("{:.2}", b / a),
                 _ => String::new(),
             });
