@@ -10,7 +10,7 @@ use vmrun_protocol::agent::PORT;
 
 /// The agent's command line and life: what `vmrun-agent` runs, and what the initramfs's `/init`
 /// runs when started as `vmrun-agent` (one binary in the initramfs, half the bytes the guest
-/// kernel must copy at boot). `args` excludes argv[0]. Never returns.
+/// kernel must copy at boot). `args` excludes `argv[0]`. Never returns.
 pub fn main(args: Vec<String>) -> ! {
     let mut cfg = Config::guest();
     let mut unix = None;

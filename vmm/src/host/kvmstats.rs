@@ -103,7 +103,7 @@ impl KvmStats {
 }
 
 /// `after - before` for every counter in both (instant values and histograms are not
-/// differences and are left out by [`Source`]).
+/// differences and are left out when the stats files are read).
 pub fn delta(before: &Reading, after: &Reading) -> Reading {
     after
         .iter()
