@@ -88,7 +88,7 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         argv0.into()
     };
     let env = child_env(x);
-    let pty = x.pty.map(|(rows, cols)| open_pty(rows, cols)).transpose()?;
+    let mut pty = x.pty.map(|(rows, cols)| open_pty(rows, cols)).transpose()?;
     if simple {
         // posix_spawn (vfork-like: no copy of the agent's page tables); see `spawn`.
         let cwd = match &x.cwd {
@@ -106,23 +106,26 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
             .map(|(k, v)| cstring(&format!("{k}={v}"), "an environment variable"))
             .collect::<Result<Vec<_>, _>>()?;
         let cwd = cstring(&cwd.to_string_lossy(), "cwd")?;
-        return match pty {
+        match pty.take() {
             Some((master, slave)) => {
                 let path = std::fs::read_link(format!("/proc/self/fd/{}", slave.as_raw_fd()))
                     .map_err(|e| spawn_error(argv0, &e))?;
                 let path = cstring(&path.to_string_lossy(), "the terminal's path")?;
-                let s = crate::spawn::spawn(
-                    &program,
-                    &argv,
-                    &env,
-                    &cwd,
-                    crate::spawn::ChildIo::Terminal(&path),
-                )
-                .map_err(|e| spawn_error(argv0, &e))?;
-                drop(slave);
-                let out = File::from(master);
-                let stdin = if x.stdin { out.try_clone().ok() } else { None };
-                supervised(argv0, s.pid, stdin, out, None, true)
+                let io = crate::spawn::ChildIo::Terminal(&path);
+                match crate::spawn::spawn(&program, &argv, &env, &cwd, io) {
+                    Ok(s) => {
+                        drop(slave);
+                        let out = File::from(master);
+                        let stdin = if x.stdin { out.try_clone().ok() } else { None };
+                        return supervised(argv0, s.pid, stdin, out, None, true);
+                    }
+                    // The slave may not open by path (a nodev mount): fork instead, which
+                    // hands the child the open slave.
+                    Err(e) => {
+                        eprintln!("vmrun-agent: posix_spawn on {path:?}: {e}; forking instead");
+                        pty = Some((master, slave));
+                    }
+                }
             }
             None => {
                 let io = crate::spawn::ChildIo::Pipes {
@@ -131,9 +134,9 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
                 let s = crate::spawn::spawn(&program, &argv, &env, &cwd, io)
                     .map_err(|e| spawn_error(argv0, &e))?;
                 let out = s.stdout.expect("pipes give a stdout");
-                supervised(argv0, s.pid, s.stdin, out, s.stderr, false)
+                return supervised(argv0, s.pid, s.stdin, out, s.stderr, false);
             }
-        };
+        }
     }
     let mut cmd = Command::new(&program);
     cmd.arg0(argv0);

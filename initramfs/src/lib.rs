@@ -55,11 +55,13 @@ pub fn mount_kernel_filesystems(root: &std::path::Path) -> Result<(), Failure> {
         let path = root.join(target.trim_start_matches('/'));
         std::fs::create_dir_all(&path)
             .map_err(|e| Failure::new(InitError::Mount, format!("mkdir {}", path.display()), e))?;
+        // Device nodes must open on /dev and /dev/pts (the agent opens a terminal's slave by
+        // path when it starts a command on it); everything else is nodev.
         let flags = MsFlags::MS_NOSUID
-            | if *fstype == "devtmpfs" {
-                MsFlags::empty()
-            } else {
-                MsFlags::MS_NODEV
+            | match *fstype {
+                "devtmpfs" => MsFlags::empty(),
+                "devpts" => MsFlags::MS_NOEXEC,
+                _ => MsFlags::MS_NODEV,
             };
         let data = (*fstype == "devpts").then_some("mode=0620,ptmxmode=0666");
         mount(Some(*source), &path, Some(*fstype), flags, data).map_err(|e| {
