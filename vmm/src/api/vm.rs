@@ -198,27 +198,25 @@ impl Vm {
         &self.paths
     }
 
-    /// The VMM's process id (started here, or from the VM's record when attached).
-    pub fn vmm_pid(&self) -> Option<u32> {
-        let own = self
-            .child
+    /// The pid of the VMM this process started, if it did.
+    fn own_pid(&self) -> Option<u32> {
+        self.child
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .map(Child::id);
-        own.or_else(|| self.paths.record().map(|r| r.pid).filter(|p| *p > 0))
+            .map(Child::id)
+    }
+
+    /// The VMM's process id (started here, or from the VM's record when attached).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.own_pid()
+            .or_else(|| self.paths.record().map(|r| r.pid).filter(|p| *p > 0))
     }
 
     /// A handle that stops this VM from another thread.
     pub fn kill_switch(&self) -> KillSwitch {
-        let pid = self
-            .child
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(Child::id);
         KillSwitch {
-            pid,
+            pid: self.own_pid(),
             paths: self.paths.clone(),
         }
     }

@@ -98,7 +98,8 @@ struct Sample {
     gaps: BTreeMap<String, f64>,
     /// Initcall → seconds (with --initcalls).
     initcalls: BTreeMap<String, f64>,
-    boot: Reading,
+    /// KVM counters for the whole boot.
+    boot: BTreeMap<String, f64>,
     exec_ms: Vec<f64>,
     /// KVM counters per exec.
     per_exec: BTreeMap<String, f64>,
@@ -176,7 +177,7 @@ fn sample(b: &Build, o: Options) -> Result<Sample, String> {
     let stats = KvmStats::attach(pid).map_err(|e| e.to_string())?;
     let mut s = Sample {
         phases: seen.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        boot: stats.read().map_err(|e| e.to_string())?,
+        boot: per(&stats.read().map_err(|e| e.to_string())?, 1.0),
 
         ..Default::default()
     };
@@ -211,16 +212,18 @@ fn sample(b: &Build, o: Options) -> Result<Sample, String> {
     let f1 = faults()?;
     let f2 = faults()?;
     let n = o.execs.max(1) as f64;
-    s.per_exec = delta(&k0, &k1)
-        .into_iter()
-        .map(|(k, v)| (k, v as f64 / n))
-        .collect();
+    s.per_exec = per(&delta(&k0, &k1), n);
     // f1 - f0 holds the execs and one reading (a child counts once reaped); f2 - f1 one
     // reading alone.
     s.agent_faults = ((f1.0 - f0.0) - (f2.0 - f1.0)).max(0.0) / n;
     s.command_faults = ((f1.1 - f0.1) - (f2.1 - f1.1)).max(0.0) / n;
     drop(vm);
     Ok(s)
+}
+
+/// Counters as figures, each divided by `n` (the number of execs they cover).
+fn per(r: &Reading, n: f64) -> BTreeMap<String, f64> {
+    r.iter().map(|(k, v)| (k.clone(), *v as f64 / n)).collect()
 }
 
 /// Page faults from a /proc/PID/stat: the process's own (minflt + majflt, fields 10 and 12)
@@ -297,6 +300,9 @@ fn median(v: &mut [f64]) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// Adds a row: its label, what it takes from each sample, its decimals.
+type AddRow<'a> = dyn FnMut(String, &dyn Fn(&Sample) -> Option<f64>, usize) + 'a;
+
 /// A table cell: its text and the median it shows (for the ratio column).
 type Cell = (String, Option<f64>);
 
@@ -335,26 +341,28 @@ fn render(kind: &str, builds: &[Build], samples: &[Vec<Sample>], o: Options) -> 
         &|s: &Sample| s.run_init,
         2,
     );
-    let counters = |pick: &dyn Fn(&Sample) -> Vec<String>| {
-        let mut names: Vec<String> = samples.iter().flatten().flat_map(pick).collect();
+    // One row per KVM counter that any sample saw move.
+    let counter_rows = |add: &mut AddRow,
+                        label: &str,
+                        pick: &dyn Fn(&Sample) -> &BTreeMap<String, f64>,
+                        prec: usize| {
+        let mut names: Vec<&String> = samples
+            .iter()
+            .flatten()
+            .flat_map(|s| pick(s).iter().filter(|(k, v)| **v > 0.0 && !skip(k)))
+            .map(|(k, _)| k)
+            .collect();
         names.sort();
         names.dedup();
-        names
+        for k in names {
+            add(
+                format!("{label}: KVM {k}"),
+                &|s: &Sample| pick(s).get(k).copied(),
+                prec,
+            );
+        }
     };
-    let boot_names = counters(&|s: &Sample| {
-        s.boot
-            .iter()
-            .filter(|(k, v)| **v > 0 && !skip(k))
-            .map(|(k, _)| k.clone())
-            .collect()
-    });
-    for k in &boot_names {
-        add(
-            format!("boot: KVM {k}"),
-            &|s: &Sample| s.boot.get(k).map(|v| *v as f64),
-            0,
-        );
-    }
+    counter_rows(&mut add, "boot", &|s: &Sample| &s.boot, 0);
     add(
         format!("exec `/bin/true` round trip (ms), {} per boot", o.execs),
         &|s: &Sample| {
@@ -373,20 +381,7 @@ fn render(kind: &str, builds: &[Build], samples: &[Vec<Sample>], o: Options) -> 
         &|s: &Sample| Some(s.command_faults),
         1,
     );
-    let exec_names = counters(&|s: &Sample| {
-        s.per_exec
-            .iter()
-            .filter(|(k, v)| **v > 0.0 && !skip(k))
-            .map(|(k, _)| k.clone())
-            .collect()
-    });
-    for k in &exec_names {
-        add(
-            format!("exec: KVM {k}"),
-            &|s: &Sample| s.per_exec.get(k).copied(),
-            1,
-        );
-    }
+    counter_rows(&mut add, "exec", &|s: &Sample| &s.per_exec, 1);
     // The longest kernel-log silences and initcalls, by the largest median in any build.
     let top = |pick: &dyn Fn(&Sample) -> &BTreeMap<String, f64>, n: usize| -> Vec<String> {
         let mut best: BTreeMap<String, f64> = BTreeMap::new();
