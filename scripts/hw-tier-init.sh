@@ -14,6 +14,7 @@ for m in irqbypass ccp kvm kvm-amd; do insmod /lib/$m.ko || echo "HWTIER insmod 
 echo "HWTIER kvm_amd: npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
 /vm/bin/kvmpin & sleep 1
 result() { echo "HWTIER-RESULT $1 $2"; }
+lockups() { dmesg | grep -c "soft lockup"; }
 # A debugging command handed in by hw-tier.sh (HW_DEBUG_CMD), run before everything else.
 [ -s /vm/debug.sh ] && { echo "HWTIER debug:"; sh /vm/debug.sh 2>&1 | sed 's/^/HWTIER debug: /'; }
 a=$(up)
@@ -26,10 +27,22 @@ sed 's/^/HWTIER doctor: /' /tmp/doctor.txt
 for t in $(cat /vm/tests/list); do
     a=$(up)
     echo "HWTIER ===== test $t (TCG-emulated SVM)"
+    stalls=$(lockups)
     timeout -s KILL 900 /vm/tests/$t --test-threads=1 --show-output 2>&1
     rc=$?
+    note=""
+    # One more run only when this outer kernel itself reported a soft lockup meanwhile: a CPU
+    # stuck for tens of seconds inside one VMRUN is the TCG stall of HWTIER.md, not vmrun's
+    # doing (on hardware a host interrupt always ends VMRUN). The result line says so.
+    if [ $rc != 0 ] && [ "$(lockups)" != "$stalls" ]; then
+        echo "HWTIER $t failed while the outer kernel reported a soft lockup (TCG stall); once more"
+        a=$(up)
+        timeout -s KILL 900 /vm/tests/$t --test-threads=1 --show-output 2>&1
+        rc=$?
+        note=", after a retry: outer soft lockup in the first run"
+    fi
     b=$(up)
-    if [ $rc = 0 ]; then result "$t" "ok ($(awk "BEGIN{printf \"%.1f\", $b-$a}")s)"; else result "$t" "FAILED (rc $rc)"; fi
+    if [ $rc = 0 ]; then result "$t" "ok ($(awk "BEGIN{printf \"%.1f\", $b-$a}")s$note)"; else result "$t" "FAILED (rc $rc$note)"; fi
 done
 a=$(up)
 if (cd /tmp && timeout -s KILL 300 harness /tmp/harness.tar); then
