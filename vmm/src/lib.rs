@@ -26,4 +26,6 @@ pub mod outcome;
 #[doc(hidden)]
 pub mod runtime;
 #[doc(hidden)]
+pub mod snapshot;
+#[doc(hidden)]
 pub mod vstate;

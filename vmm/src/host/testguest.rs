@@ -80,6 +80,23 @@ impl Asm {
         self.0.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]);
         self
     }
+    /// `inc dword [abs32]`
+    pub fn inc_abs(mut self, addr: u32) -> Self {
+        self.0.extend_from_slice(&[0xff, 0x04, 0x25]);
+        self.0.extend_from_slice(&addr.to_le_bytes());
+        self
+    }
+    /// Where the next instruction goes (a jump target).
+    pub fn here(&self) -> usize {
+        self.0.len()
+    }
+    /// `jmp rel32` back to `target` (an earlier `here()`).
+    pub fn jmp_to(mut self, target: usize) -> Self {
+        let rel = target as i64 - (self.0.len() as i64 + 5);
+        self.0.push(0xe9);
+        self.0.extend_from_slice(&(rel as i32).to_le_bytes());
+        self
+    }
     /// Bytes as they are.
     pub fn raw(mut self, b: &[u8]) -> Self {
         self.0.extend_from_slice(b);
@@ -191,6 +208,25 @@ pub fn spin(iterations: u32, mode: CpuMode) -> TestGuest {
     TestGuest { code, mode }
 }
 
+/// Where [`counter`] keeps its count: guest memory well away from the program.
+pub const COUNTER_ADDR: u32 = 0x20_0000;
+
+/// Forever: adds one to a counter in guest memory, sends it to the probe port, spins a
+/// while. A VM restored from a snapshot of it carries on from the count it was saved at, so
+/// its probe samples show that memory, registers (the port in DX) and RIP came back.
+pub fn counter(spin: u32) -> TestGuest {
+    let a = Asm::default().mov_dx(PROBE_PORT);
+    let top = a.here();
+    user(
+        a.inc_abs(COUNTER_ADDR)
+            .load_abs(COUNTER_ADDR)
+            .out_eax()
+            .mov_ecx(spin.max(1))
+            .spin_ecx()
+            .jmp_to(top),
+    )
+}
+
 /// Spins in ring 3 until killed: a running VM that costs no exits (for measurements).
 pub fn park() -> TestGuest {
     user(Asm::default().park())
@@ -218,6 +254,7 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
         "mmio" => mmio(),
         "garbage" => garbage(),
         "park" => park(),
+        "counter" => counter(1 << 20),
         "ring0-fwait" => ring0_fwait(),
         _ => {
             let code = name.strip_prefix("status-")?.parse().ok()?;

@@ -2,8 +2,15 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use thiserror::Error;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::arch::x86_64::layout::ram_ranges;
 
@@ -16,6 +23,12 @@ pub enum MemoryError {
     },
     #[error("guest memory size {0} bytes does not fit this host's address space")]
     TooLarge(u64),
+    #[error("cannot write guest memory to the snapshot: {0}")]
+    Dump(std::io::Error),
+    #[error("the snapshot's memory file holds {have} bytes, the VM needs {want}: it is truncated or not this snapshot's; take the snapshot again")]
+    FileSize { have: u64, want: u64 },
+    #[error("cannot map the snapshot's memory file: {0}")]
+    MapFile(String),
     #[error("KVM refused guest memory region {slot}: {source}")]
     Register {
         slot: u32,
@@ -58,6 +71,73 @@ pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         }
     }
     Ok(mem)
+}
+
+/// Bytes compared at a time when a dump looks for pages it can leave as holes.
+const PAGE: usize = 4096;
+/// Bytes copied out of guest memory per step of a dump.
+const DUMP_CHUNK: usize = 1 << 20;
+
+/// Writes guest RAM to `file`, region after region from offset 0, leaving all-zero pages as
+/// holes: a guest that has touched little of its memory makes a small file, and the holes read
+/// back as zeros. The vCPUs and devices must be stopped.
+pub fn dump(mem: &GuestMemoryMmap, file: &File) -> Result<u64, MemoryError> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(MemoryError::Dump)?;
+    let mut buf = vec![0u8; DUMP_CHUNK];
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let mut done = 0u64;
+        while done < region.len() {
+            let n = (region.len() - done).min(DUMP_CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, region.start_addr().unchecked_add(done))
+                .map_err(|e| MemoryError::Dump(std::io::Error::other(e.to_string())))?;
+            for (i, page) in chunk.chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, offset + done + (i * PAGE) as u64)
+                        .map_err(MemoryError::Dump)?;
+                }
+            }
+            done += n as u64;
+        }
+        offset += region.len();
+    }
+    Ok(total)
+}
+
+/// Guest RAM of `mem_size` bytes mapped privately from a dump made by [`dump`]: pages are read
+/// from the file when first touched and copied when first written, so nothing is read up front
+/// and VMs restored from one file share its unwritten pages through the page cache.
+pub fn map_file(mem_size: u64, file: &File) -> Result<GuestMemoryMmap, MemoryError> {
+    let have = file
+        .metadata()
+        .map_err(|e| MemoryError::MapFile(e.to_string()))?
+        .len();
+    let ranges = ram_ranges(mem_size);
+    let want: u64 = ranges.iter().map(|r| r.1).sum();
+    if have != want {
+        return Err(MemoryError::FileSize { have, want });
+    }
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for (start, len) in ranges {
+        let size = usize::try_from(len).map_err(|_| MemoryError::TooLarge(mem_size))?;
+        let fd = file
+            .try_clone()
+            .map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(fd, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryError::MapFile(format!("region at {start:#x} overflows")))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::MapFile(e.to_string()))
 }
 
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {

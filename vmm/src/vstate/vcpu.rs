@@ -2,10 +2,11 @@
 //! buses, every other exit either continues or ends the VM with a reason. Stopping a vCPU that
 //! sits in KVM_RUN is done by a signal that makes the ioctl return EINTR.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_mp_state, CpuId, Msrs, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -15,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 use super::bus::Bus;
 use super::exit::{ExitReason, ExitState};
 use crate::arch::x86_64::gdt::CpuMode;
+use crate::arch::x86_64::vcpu_state::{self, StateError, VcpuState};
 use crate::arch::x86_64::{cpuid, msr, regs};
 
 /// LAPIC register offsets and delivery modes for LINT0/LINT1.
@@ -65,11 +67,78 @@ pub struct VcpuSetup<'a> {
     pub hide_pv_hypercalls: bool,
 }
 
+/// Pauses the vCPUs of one VM for a snapshot: each parks outside KVM_RUN, with no I/O
+/// pending, and leaves its saved state here until it is released.
+#[derive(Default)]
+pub struct PauseGate {
+    inner: Mutex<PauseInner>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct PauseInner {
+    requested: bool,
+    /// KVM's MSR save list and whether it has XCRs (what each vCPU saves).
+    msr_list: Arc<Vec<u32>>,
+    has_xcrs: bool,
+    saved: BTreeMap<u8, Result<VcpuState, StateError>>,
+}
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to park and save; `Vcpu::kick` them until they have.
+    pub fn request(&self, msr_list: Arc<Vec<u32>>, has_xcrs: bool) {
+        let mut g = self.lock();
+        g.requested = true;
+        g.msr_list = msr_list;
+        g.has_xcrs = has_xcrs;
+        g.saved.clear();
+    }
+
+    fn requested(&self) -> bool {
+        self.lock().requested
+    }
+
+    /// How many vCPUs have parked.
+    pub fn parked(&self) -> usize {
+        self.lock().saved.len()
+    }
+
+    /// The saved states, by vCPU index.
+    pub fn take_saved(&self) -> Vec<Result<VcpuState, StateError>> {
+        std::mem::take(&mut self.lock().saved)
+            .into_values()
+            .collect()
+    }
+
+    /// Lets the parked vCPUs run again.
+    pub fn release(&self) {
+        self.lock().requested = false;
+        self.cv.notify_all();
+    }
+
+    /// Parks the calling vCPU until released or the VM stops.
+    fn wait(&self, exit: &ExitState) {
+        let mut g = self.lock();
+        while g.requested && !exit.should_stop() {
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
 pub struct Vcpu {
     pub(crate) fd: VcpuFd,
     index: u8,
     buses: Arc<Buses>,
     exit: Arc<ExitState>,
+    pause: Arc<PauseGate>,
     /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN (0 until then), shared by its vCPUs.
     first_run: Arc<AtomicU64>,
 }
@@ -95,6 +164,7 @@ impl Vcpu {
         index: u8,
         buses: Arc<Buses>,
         exit: Arc<ExitState>,
+        pause: Arc<PauseGate>,
         first_run: Arc<AtomicU64>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
@@ -105,8 +175,46 @@ impl Vcpu {
             index,
             buses,
             exit,
+            pause,
             first_run,
         })
+    }
+
+    /// Puts a snapshot's state into this new vCPU instead of [`Vcpu::configure`].
+    pub fn restore(&self, state: &VcpuState) -> Result<(), StateError> {
+        vcpu_state::restore(&self.fd, self.index, state)
+    }
+
+    /// Saves this vCPU's state and waits while the VM is paused. An exit KVM has not finished
+    /// (the data of a port or MMIO read) is completed first by one KVM_RUN that returns at
+    /// once, so the saved registers are consistent.
+    fn park(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        let pending = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        let (list, has_xcrs) = {
+            let g = self.pause.lock();
+            (g.msr_list.clone(), g.has_xcrs)
+        };
+        let state = match pending {
+            Err(e) if e.errno() == libc::EINTR => {
+                vcpu_state::save(&self.fd, self.index, &list, has_xcrs)
+            }
+            Err(source) => Err(StateError::Ioctl {
+                cpu: self.index,
+                what: "KVM_RUN (to complete pending I/O)",
+                source,
+            }),
+            // With immediate_exit set KVM does not enter the guest; anything else is a bug
+            // on its side, and the state would not be consistent.
+            Ok(()) => Err(StateError::Ioctl {
+                cpu: self.index,
+                what: "KVM_RUN (to complete pending I/O)",
+                source: kvm_ioctls::Error::new(libc::EBUSY),
+            }),
+        };
+        self.pause.lock().saved.insert(self.index, state);
+        self.pause.wait(&self.exit);
     }
 
     pub fn configure(&mut self, mem: &GuestMemoryMmap, s: &VcpuSetup) -> Result<(), VcpuError> {
@@ -192,6 +300,10 @@ impl Vcpu {
             self.first_run
                 .compare_exchange(0, monotonic_ns(), Ordering::SeqCst, Ordering::SeqCst);
         while !self.exit.should_stop() {
+            if self.pause.requested() {
+                self.park();
+                continue;
+            }
             if let Some(reason) = self.run_once() {
                 self.exit.request(reason);
             }
@@ -274,6 +386,25 @@ fn install_kick_handler() {
             log::error!("cannot install the vCPU kick handler: {e}");
         }
     });
+}
+
+/// Interrupts each vCPU thread until `done` holds (all parked, say), at most `timeout`;
+/// whether it held.
+pub fn kick_until(handles: &[JoinHandle<()>], timeout: Duration, done: impl Fn() -> bool) -> bool {
+    use std::os::unix::thread::JoinHandleExt;
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() > deadline || handles.iter().any(|h| h.is_finished()) {
+            return done();
+        }
+        for h in handles {
+            // SAFETY: the thread has not been joined (we hold its handle), so its pthread_t
+            // is valid; the signal's handler (`install_kick_handler`) does nothing.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
 }
 
 /// Interrupts the vCPU thread until it has left its run loop, then joins it. The stop flag must

@@ -8,3 +8,4 @@ pub mod mptable;
 pub mod msr;
 pub mod paging;
 pub mod regs;
+pub mod vcpu_state;

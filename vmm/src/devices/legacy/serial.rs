@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 use vmrun_protocol::cmdline::console::{INIT_ERROR, KERNEL_PANIC};
@@ -134,9 +135,59 @@ impl Write for Console {
 /// COM1 on the PIO bus; its interrupt is an eventfd registered as irqfd.
 pub struct SerialConsole(Serial<IrqLine, NoEvents, Console>);
 
+/// The UART's registers and unread input, as a snapshot keeps them (vm-superio's
+/// `SerialState`, which has no serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSaved {
+    pub baud_divisor: [u8; 2],
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialConsole {
     pub fn new(irq: EventFd, console: Console) -> Self {
         SerialConsole(Serial::new(IrqLine(irq), console))
+    }
+
+    /// A UART in the state `saved` describes; `None` when it is not one a UART can be in
+    /// (more unread input than its FIFO holds).
+    pub fn from_saved(irq: EventFd, console: Console, saved: &SerialSaved) -> Option<Self> {
+        let st = SerialState {
+            baud_divisor_low: saved.baud_divisor[0],
+            baud_divisor_high: saved.baud_divisor[1],
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        Serial::from_state(&st, IrqLine(irq), NoEvents, console)
+            .ok()
+            .map(SerialConsole)
+    }
+
+    pub fn save(&self) -> SerialSaved {
+        let st = self.0.state();
+        SerialSaved {
+            baud_divisor: [st.baud_divisor_low, st.baud_divisor_high],
+            interrupt_enable: st.interrupt_enable,
+            interrupt_identification: st.interrupt_identification,
+            line_control: st.line_control,
+            line_status: st.line_status,
+            modem_control: st.modem_control,
+            modem_status: st.modem_status,
+            scratch: st.scratch,
+            in_buffer: st.in_buffer,
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,6 +27,91 @@ pub const REG_QUEUE_NOTIFY: u64 = 0x050;
 const REG_CONFIG: u64 = 0x100;
 /// Size of the register window each device gets.
 pub const WINDOW: u64 = 0x1000;
+
+/// One queue as saved in a snapshot (virtio-queue's `QueueState`, which has no serde).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedQueue {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for SavedQueue {
+    fn from(q: QueueState) -> Self {
+        SavedQueue {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<SavedQueue> for QueueState {
+    fn from(q: SavedQueue) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport's registers, its queues and its pending interrupt, as a snapshot holds them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    pub active: bool,
+    pub queues: Vec<SavedQueue>,
+    pub interrupt_status: u32,
+}
+
+/// Why a saved transport does not fit the device it is restored into.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    #[error("the snapshot has a device of type {saved} where this VM has type {here}")]
+    DeviceType { saved: u32, here: u32 },
+    #[error("device type {device}: the snapshot has {saved} queues, the device {here}")]
+    QueueCount {
+        device: u32,
+        saved: usize,
+        here: usize,
+    },
+    #[error("device type {device}: saved queue {index} is invalid ({reason})")]
+    BadQueue {
+        device: u32,
+        index: usize,
+        reason: String,
+    },
+    #[error("device type {device}: the device refused the saved queues: {source}")]
+    Activate {
+        device: u32,
+        source: super::ActivateError,
+    },
+}
 
 /// The device model shared between the transport (vCPU side) and the event loop.
 pub type SharedDevice = Arc<Mutex<dyn VirtioDevice>>;
@@ -108,6 +195,86 @@ impl MmioTransport {
 
     pub fn device(&self) -> SharedDevice {
         self.device.clone()
+    }
+
+    /// The transport as a snapshot keeps it; the device must be quiet (event loop stopped).
+    pub fn save(&self) -> TransportState {
+        let queues = if self.active {
+            lock(&self.device).queue_states()
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        TransportState {
+            device_type: self.device_type,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            active: self.active,
+            queues: queues.into_iter().map(SavedQueue::from).collect(),
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// Puts a saved transport into this new one (same device type and queue count); an active
+    /// device gets its queues back and is told it was restored. Every saved value is checked
+    /// as a driver's write would be: a snapshot file is untrusted input.
+    pub fn restore(&mut self, s: &TransportState) -> Result<(), RestoreError> {
+        let device = self.device_type;
+        if s.device_type != device {
+            return Err(RestoreError::DeviceType {
+                saved: s.device_type,
+                here: device,
+            });
+        }
+        if s.queues.len() != self.queue_max.len() {
+            return Err(RestoreError::QueueCount {
+                device,
+                saved: s.queues.len(),
+                here: self.queue_max.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (index, (q, &max)) in s.queues.iter().zip(&self.queue_max).enumerate() {
+            let bad = |reason: String| RestoreError::BadQueue {
+                device,
+                index,
+                reason,
+            };
+            if q.max_size != max {
+                return Err(bad(format!(
+                    "maximum size {} where the device has {max}",
+                    q.max_size
+                )));
+            }
+            let queue = Queue::try_from(QueueState::from(*q)).map_err(|e| bad(e.to_string()))?;
+            if s.active && !queue.is_valid(&self.mem) {
+                return Err(bad("its rings are not in guest memory".into()));
+            }
+            queues.push(queue);
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features & self.features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        if s.active {
+            lock(&self.device)
+                .activate(self.mem.clone(), queues, self.acked_features)
+                .map_err(|source| RestoreError::Activate { device, source })?;
+            self.active = true;
+            lock(&self.device).restored();
+        } else {
+            self.queues = queues;
+        }
+        if s.interrupt_status != 0 {
+            // Raised again: the guest may not have seen it before the snapshot.
+            self.interrupt.signal(s.interrupt_status);
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -432,6 +599,9 @@ mod tests {
         }
         fn config(&self) -> Vec<u8> {
             vec![1, 2, 3, 4, 5, 6, 7, 8]
+        }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
         }
         fn activate(
             &mut self,

@@ -10,7 +10,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -93,6 +93,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Drops queues and state: the driver wrote status 0.
     fn reset(&mut self);
+    /// The queues it took over at activation, for a snapshot.
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Called after a restore re-activated it: host-side state (connections, open requests)
+    /// did not survive, so the device tells the guest whatever it must.
+    fn restored(&mut self) {}
     /// Serves queue `index` after the guest notified it.
     fn process_queue(&mut self, index: usize);
     /// File descriptors of its own the device wants watched (beyond its queues), from start.

@@ -150,6 +150,10 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queue.iter().map(|q| q.state()).collect()
+    }
+
     fn reset(&mut self) {
         self.queue = None;
         self.mem = None;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::muxer::{Muxer, VsockError, VsockMetrics};
 use super::packet::{Header, HEADER_LEN, MAX_PKT_DATA};
@@ -19,6 +19,9 @@ use crate::devices::virtio::{
 
 pub const RXQ: usize = 0;
 pub const TXQ: usize = 1;
+/// The event queue: the device's only message is a transport reset.
+const EVQ: usize = 2;
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZE: u16 = 256;
 
 pub struct Vsock {
@@ -109,6 +112,31 @@ impl Vsock {
         used
     }
 
+    /// Puts one event (virtio 1.2 §5.10.6.6) into the guest's next event buffer.
+    fn post_event(&mut self, id: u32) -> bool {
+        let (Some(mem), Some(q)) = (self.mem.as_ref(), self.queues.get_mut(EVQ)) else {
+            return false;
+        };
+        let Some(mut chain) = q.pop_descriptor_chain(mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let written = match chain.next() {
+            Some(d) if d.is_write_only() && d.len() >= 4 => {
+                mem.write_obj(id.to_le(), d.addr()).is_ok()
+            }
+            _ => false,
+        };
+        if !written {
+            count_bad(&self.muxer.metrics);
+        }
+        if q.add_used(mem, head, if written { 4 } else { 0 }).is_err() {
+            count_bad(&self.muxer.metrics);
+        }
+        self.interrupt.signal(INT_VRING);
+        written
+    }
+
     fn kick(&mut self, used: bool) {
         let Some(mem) = self.mem.as_ref() else { return };
         let notify = used
@@ -189,6 +217,18 @@ impl VirtioDevice for Vsock {
         self.queues = queues;
         self.mem = Some(mem);
         Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues.iter().map(|q| q.state()).collect()
+    }
+
+    /// Connections did not survive the snapshot: a transport-reset event makes the guest drop
+    /// them (its listeners stay) and re-read its CID.
+    fn restored(&mut self) {
+        if !self.post_event(EVENT_TRANSPORT_RESET) {
+            log::warn!("vsock: no event buffer for the transport reset after a restore");
+        }
     }
 
     fn reset(&mut self) {
