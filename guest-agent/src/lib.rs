@@ -11,6 +11,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod pool;
+pub mod refresh;
 pub mod server;
 pub mod spawn;
 

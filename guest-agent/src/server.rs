@@ -13,7 +13,7 @@ use vmrun_protocol::agent::{
 
 use crate::config::Config;
 use crate::error::resource_error;
-use crate::{archive, capture, exec, files};
+use crate::{archive, capture, exec, files, refresh};
 
 /// Where connections come from.
 pub enum Listener {
@@ -185,6 +185,13 @@ pub fn handle(s: &mut UnixStream, cfg: &Config) -> bool {
         Request::Capture => capture::run(s, cfg),
         Request::ArchiveOut { path } => archive::out(s, cfg, &path),
         Request::ArchiveIn { path } => archive::r#in(s, cfg, &path, &mut buf),
+        Request::Sync => {
+            refresh::sync();
+            reply(s, None)
+        }
+        Request::Refresh { entropy, unix_ns } => {
+            refresh::refresh(&entropy, unix_ns).and_then(|()| reply(s, None))
+        }
         Request::Shutdown => {
             // SAFETY: sync has no preconditions.
             unsafe { libc::sync() };

@@ -298,6 +298,9 @@ impl Vmm {
                     vcpu.restore(state)?;
                     v.push(vcpu);
                 }
+                for t in &transports {
+                    t.lock().unwrap_or_else(|e| e.into_inner()).after_restore();
+                }
                 v
             }
         };

@@ -1,13 +1,14 @@
 //! What the VMM builds a VM from: fully resolved, no defaults left to pick and nothing read
 //! from the environment. `launch` turns what a user asks for into this.
 
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::arch::x86_64::gdt::CpuMode;
 use crate::devices::legacy::serial::ConsoleSink;
 
 /// Entry protocol for ELF kernels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BootProtocol {
     /// PVH when the kernel has the PVH note, else the 64-bit Linux boot protocol.
     #[default]
@@ -60,14 +61,14 @@ pub enum Payload {
 }
 
 /// A disk attached as virtio-blk; the first is /dev/vda in the guest, then /dev/vdb, ...
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
 }
 
 /// The vsock device: the guest's CID and the host Unix socket (hybrid vsock).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub uds_path: PathBuf,

@@ -16,6 +16,8 @@ pub mod builder;
 #[doc(hidden)]
 pub mod config;
 #[doc(hidden)]
+pub mod control;
+#[doc(hidden)]
 pub mod devices;
 #[doc(hidden)]
 pub mod host;

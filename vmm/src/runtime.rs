@@ -22,6 +22,9 @@ const VMS: &str = "vms";
 const LOCK: &str = "lock";
 const RECORD: &str = "vm";
 const SOCKET: &str = "vsock.sock";
+const CONTROL: &str = "control.sock";
+/// A restored VM's own copy of its snapshot's upper disk.
+const UPPER: &str = "upper.img";
 const CONSOLE: &str = "console.log";
 const VMM_LOG: &str = "vmm.log";
 /// Written by `Vm::detach`: the VMM stops watching the process that started it.
@@ -206,6 +209,13 @@ impl VmPaths {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.join(SOCKET)
+    }
+    /// The VMM's control socket (snapshots).
+    pub fn control(&self) -> PathBuf {
+        self.dir.join(CONTROL)
+    }
+    pub fn upper_copy(&self) -> PathBuf {
+        self.dir.join(UPPER)
     }
     pub fn console(&self) -> PathBuf {
         self.dir.join(CONSOLE)

@@ -311,11 +311,12 @@ fn check(path: &Path, b: &Body) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// A machine state for tests that need one without a VM.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
 
-    pub(crate) fn sample_machine(vcpus: usize) -> MachineState {
+    pub fn machine(vcpus: usize) -> MachineState {
         MachineState {
             vm: VmState {
                 pic_master: Default::default(),
@@ -343,6 +344,11 @@ mod tests {
             transports: vec![],
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn info(vcpus: u8) -> SnapshotInfo {
         SnapshotInfo {
@@ -355,7 +361,7 @@ mod tests {
     }
 
     fn write(dir: &Path, vcpus: usize) -> Vec<u8> {
-        Snapshot::write_state(dir, &info(vcpus as u8), sample_machine(vcpus)).unwrap();
+        Snapshot::write_state(dir, &info(vcpus as u8), tests_support::machine(vcpus)).unwrap();
         std::fs::read(dir.join(STATE_FILE)).unwrap()
     }
 
@@ -399,7 +405,7 @@ mod tests {
     #[test]
     fn a_body_that_contradicts_itself_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        Snapshot::write_state(d.path(), &info(3), sample_machine(1)).unwrap();
+        Snapshot::write_state(d.path(), &info(3), tests_support::machine(1)).unwrap();
         let e = Snapshot::load(d.path()).err().unwrap().to_string();
         assert!(e.contains("1 saved vCPUs for a VM of 3"), "{e}");
     }

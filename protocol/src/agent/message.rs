@@ -64,7 +64,18 @@ pub enum Request {
     ArchiveIn {
         path: String,
     },
+    /// Write the guest's dirty pages to its disks (before a snapshot).
+    Sync,
+    /// After a restore: mix host entropy into the guest's random pool and reseed it (forks of
+    /// one snapshot must not share random streams), and set the guest's clock.
+    Refresh {
+        entropy: Vec<u8>,
+        unix_ns: u64,
+    },
 }
+
+/// Most entropy one `Refresh` carries.
+pub const REFRESH_ENTROPY_MAX: usize = 512;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitStatus {
@@ -378,6 +389,12 @@ impl Request {
             Request::ArchiveIn { path } => {
                 e.u8(10).str(path);
             }
+            Request::Sync => {
+                e.u8(11);
+            }
+            Request::Refresh { entropy, unix_ns } => {
+                e.u8(12).bytes(entropy).u64(*unix_ns);
+            }
         }
         e.0
     }
@@ -442,6 +459,20 @@ impl Request {
             8 => Request::Shutdown,
             9 => Request::ArchiveOut { path: d.str()? },
             10 => Request::ArchiveIn { path: d.str()? },
+            11 => Request::Sync,
+            12 => {
+                let entropy = d.bytes()?;
+                if entropy.len() > REFRESH_ENTROPY_MAX {
+                    return Err(ProtoError::Invalid(format!(
+                        "{} bytes of entropy (at most {REFRESH_ENTROPY_MAX})",
+                        entropy.len()
+                    )));
+                }
+                Request::Refresh {
+                    entropy: entropy.to_vec(),
+                    unix_ns: d.u64()?,
+                }
+            }
             t => return Err(ProtoError::Invalid(format!("request tag {t}"))),
         };
         d.finish()?;
@@ -532,6 +563,11 @@ mod tests {
             },
             Request::ArchiveIn {
                 path: "/work/in".into(),
+            },
+            Request::Sync,
+            Request::Refresh {
+                entropy: vec![7; 64],
+                unix_ns: 1_800_000_000_000_000_000,
             },
         ]
     }

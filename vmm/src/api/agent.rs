@@ -473,6 +473,20 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Writes the guest's dirty pages to its disks.
+    pub fn sync(&self) -> Result<(), AgentError> {
+        self.call(Request::Sync).map(drop)
+    }
+
+    /// Credits `entropy` to the guest's random pool, reseeds it, and sets the guest clock.
+    pub fn refresh(&self, entropy: &[u8], unix_ns: u64) -> Result<(), AgentError> {
+        self.call(Request::Refresh {
+            entropy: entropy.to_vec(),
+            unix_ns,
+        })
+        .map(drop)
+    }
+
     /// Asks the agent to end (in a VM: the guest then powers off).
     pub fn shutdown(&self) -> Result<(), AgentError> {
         self.call(Request::Shutdown).map(drop)

@@ -19,8 +19,10 @@ use super::vm::{KillSwitch, Vm, VmError};
 use crate::config::{DiskConfig, VsockConfig, DEFAULT_CID};
 use crate::host::compat::Compat;
 use crate::launch::overlay::{Overlay, ENV_TOGGLE};
+use crate::launch::snapshot::SnapshotUseError;
 use crate::launch::{self, Rootfs, VmOptions};
 use crate::runtime::{Claim, Record, VmPaths};
+use crate::snapshot::Snapshot;
 
 /// Set for the VMM process: the pid whose exit ends the VM (unless it was detached).
 pub const OWNER_ENV: &str = "VMRUN_OWNER_PID";
@@ -73,6 +75,7 @@ pub struct VmBuilder {
     progress: Option<ProgressFn>,
     started: Option<StartedFn>,
     binary: Option<PathBuf>,
+    snapshot: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -94,6 +97,7 @@ impl Vm {
             progress: None,
             started: None,
             binary: None,
+            snapshot: None,
         }
     }
 }
@@ -169,6 +173,15 @@ impl VmBuilder {
         self.binary = Some(path.into());
         self
     }
+    /// Start the VM a snapshot directory holds (see [`Vm::snapshot`],
+    /// [`crate::launch::snapshot::find`]) instead of booting: the snapshot's own options are
+    /// used; kernel, initrd or rootfs given here must be the images it was taken with. The
+    /// restored VM gets fresh entropy and the host's time before `start` returns.
+    pub fn from_snapshot(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.snapshot = Some(dir.into());
+        self
+    }
+
     /// Called as the start passes each [`Phase`].
     pub fn on_progress(mut self, f: impl Fn(Phase, Duration) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));
@@ -198,8 +211,15 @@ impl VmBuilder {
     pub fn start(self) -> Result<Vm, VmError> {
         let t0 = Instant::now();
         let env = std::env::var(ENV_TOGGLE).ok();
-        // Refuse bad options before anything is made on the host.
-        launch::resolve(&self.opts, env.as_deref())?;
+        let snapshot = match &self.snapshot {
+            // Read and checked before anything is made on the host.
+            Some(dir) => Some(Snapshot::load(dir).map_err(SnapshotUseError::from)?),
+            // Refuse bad options before anything is made on the host.
+            None => {
+                launch::resolve(&self.opts, env.as_deref())?;
+                None
+            }
+        };
         let bin = match self.binary.clone() {
             Some(b) if b.is_file() => b,
             Some(b) => {
@@ -212,7 +232,18 @@ impl VmBuilder {
         };
         let claim = Claim::new(self.name.as_deref())?;
         let paths = claim.paths.clone();
-        let mut opts = self.opts.clone();
+        let mut opts = match &snapshot {
+            None => self.opts.clone(),
+            Some(snap) => {
+                match launch::snapshot::restore_options(snap, &self.opts, &paths.upper_copy()) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        paths.remove();
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
         opts.vsock = Some(VsockConfig {
             cid: DEFAULT_CID,
             uds_path: paths.socket(),
@@ -241,7 +272,13 @@ impl VmBuilder {
         } else {
             DEFAULT_BOOT_TIMEOUT
         });
-        let child = spawn_vmm(&bin, &opts.pinned(&resolved), &claim, &paths);
+        let child = spawn_vmm(
+            &bin,
+            &opts.pinned(&resolved),
+            snapshot.as_ref().map(|s| s.dir.as_path()),
+            &claim,
+            &paths,
+        );
         let child = match child {
             Ok(c) => c,
             Err(e) => {
@@ -262,10 +299,39 @@ impl VmBuilder {
             reached: None,
             progress: self.progress,
             t0,
+            // A restored VM answers at once: look often.
+            poll: if snapshot.is_some() {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(200)
+            },
         };
         watch.wait_for_agent(&vm, timeout)?;
+        if snapshot.is_some() {
+            refresh(&vm)?;
+        }
         Ok(vm)
     }
+}
+
+/// A restored guest's random pool gets fresh host entropy and its clock the host's time, so
+/// forks of one snapshot differ and none lives in the past.
+fn refresh(vm: &Vm) -> Result<(), VmError> {
+    let mut entropy = [0u8; 64];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    if n != entropy.len() as isize {
+        return Err(VmError::Host {
+            what: "host entropy",
+            path: "getrandom(2)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    vm.agent().refresh(&entropy, now)?;
+    Ok(())
 }
 
 /// How `vmrun ls` shows an overlay.
@@ -284,6 +350,7 @@ fn overlay_label(o: &Overlay) -> String {
 fn spawn_vmm(
     bin: &std::path::Path,
     opts: &VmOptions,
+    restore: Option<&std::path::Path>,
     claim: &Claim,
     paths: &VmPaths,
 ) -> Result<std::process::Child, VmError> {
@@ -295,6 +362,9 @@ fn spawn_vmm(
     let mut cmd = Command::new(bin);
     // Every decision is in the arguments: the VMM reads no environment of ours.
     cmd.arg("boot").args(opts.to_args());
+    if let Some(dir) = restore {
+        cmd.arg("--restore").arg(dir);
+    }
     cmd.env_remove(ENV_TOGGLE)
         .env_remove("VMRUN_KERNEL")
         .env_remove("VMRUN_INITRAMFS")
@@ -335,6 +405,7 @@ struct Watch {
     reached: Option<Phase>,
     progress: Option<ProgressFn>,
     t0: Instant,
+    poll: Duration,
 }
 
 impl Watch {
@@ -404,7 +475,7 @@ impl Watch {
                     console_tail: vm.console_tail(20),
                 });
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(self.poll);
         }
     }
 }

@@ -27,7 +27,9 @@ use thiserror::Error;
 use vmrun_protocol::agent::{Exec, PORT};
 
 use super::agent::{AgentClient, AgentError, Endpoint, Output, Process};
+use crate::control::{self, ControlError, Then};
 pub use crate::launch::overlay::Overlay;
+use crate::launch::snapshot::SnapshotUseError;
 use crate::launch::LaunchError;
 use crate::runtime::{self, Claim, RuntimeError, VmPaths};
 
@@ -58,6 +60,10 @@ pub enum VmError {
         status: String,
         console_tail: String,
     },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotUseError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("{what} {path}: {source}")]
     Host {
         what: &'static str,
@@ -65,6 +71,9 @@ pub enum VmError {
         source: std::io::Error,
     },
 }
+
+/// How long a snapshot may take (it writes all guest memory the guest touched).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A running VM.
 pub struct Vm {
@@ -336,6 +345,24 @@ impl Vm {
     /// when that is a directory, else as `host_path`. Returns the bytes of file data copied.
     pub fn copy_out(&self, guest_path: &str, host_path: &Path) -> Result<u64, VmError> {
         self.call(super::copy::copy_out(&self.agent, guest_path, host_path))
+    }
+
+    /// Snapshots the VM into `dir` (which must exist and be empty; see
+    /// [`crate::launch::snapshot::create_dir`]): the guest's dirty pages go to its disks, then
+    /// the VMM pauses the VM and writes its memory and state. With [`Then::Resume`] the VM
+    /// runs on; with [`Then::Stop`] it ends (drop this `Vm`). Returns the bytes of guest
+    /// memory the snapshot covers.
+    pub fn snapshot(&self, dir: &Path, then: Then) -> Result<u64, VmError> {
+        self.call(self.agent.sync())?;
+        let req = control::Request::Snapshot {
+            dir: dir.to_path_buf(),
+            then,
+        };
+        Ok(control::call(
+            &self.paths.control(),
+            &req,
+            SNAPSHOT_TIMEOUT,
+        )?)
     }
 
     /// Streams a tar of everything the guest wrote (the overlay upper layer).

@@ -58,6 +58,11 @@ pub struct VmArgs {
     /// Entry protocol for ELF kernels: auto, pvh or linux64.
     #[arg(long, default_value_t = BootProtocol::Auto)]
     boot_protocol: BootProtocol,
+    /// Start from a snapshot (a name from `vmrun snapshot ls`, or a directory) instead of
+    /// booting: restored in milliseconds with the snapshot's own options. (For `snapshot
+    /// create`: the running VM to snapshot.)
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from: Option<String>,
     /// Print the kernel, disks and kernel command line the VM would get, and exit.
     #[arg(long)]
     pub dry_run: bool,
@@ -81,6 +86,10 @@ pub struct BootArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = DEFAULT_CID)]
     vsock_cid: u64,
+    /// Start the VM a snapshot directory holds instead of booting (the library passes the
+    /// snapshot's own options with it).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub restore: Option<PathBuf>,
 }
 
 /// `PATH,ro` → (PATH, read-only).
@@ -128,9 +137,19 @@ impl VmArgs {
 }
 
 impl VmArgs {
+    /// These flags without `--from`.
+    pub fn without_from(&self) -> VmArgs {
+        VmArgs {
+            from: None,
+            ..self.clone()
+        }
+    }
+
     /// Whether no VM option was given (they apply only where a command starts a VM).
     pub fn is_default(&self) -> bool {
-        !self.dry_run && self.options().is_ok_and(|o| o == VmOptions::default())
+        !self.dry_run
+            && self.from.is_none()
+            && self.options().is_ok_and(|o| o == VmOptions::default())
     }
 }
 

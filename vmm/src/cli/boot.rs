@@ -2,26 +2,103 @@
 //! `vmrun test-guest`, with the exit-code policy of every command: the workload's own status,
 //! 128+N for a signal, and docker's 125 when the VM or the launcher failed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use vmrun::builder::Vmm;
 use vmrun::config::{Payload, VmConfig, VsockConfig, DEFAULT_CID};
+use vmrun::control::{self, Then};
 use vmrun::devices::legacy::serial::ConsoleSink;
 use vmrun::host::testguest;
+use vmrun::launch::VmOptions;
 use vmrun::launch::{self, overlay::ENV_TOGGLE};
 use vmrun::outcome::Outcome;
+use vmrun::snapshot::Snapshot;
 
 use super::args::BootArgs;
 use super::exit::{exit_code, launcher_error, outcome_code, EXIT_LAUNCHER};
 
 use vmrun::api::builder::{OWNER_ENV, VM_DIR_ENV};
 
-/// Runs a started VM to its end (at most `timeout`) and reports how it ended.
+/// How often the VMM process looks for control requests while its VM runs.
+const CONTROL_POLL: Duration = Duration::from_millis(50);
+
+/// The control socket of a VM the library started, and the (pinned) options it was started
+/// with, which a snapshot records.
+struct Control {
+    server: control::Server,
+    opts: VmOptions,
+}
+
+/// Writes a snapshot into `dir` (absolute, existing, empty): images are identified before the
+/// pause, the upper disk copied during it; then the VM resumes or stops. A failure after the
+/// pause resumes the VM.
+fn take_snapshot(vmm: &mut Vmm, opts: &VmOptions, dir: &Path, then: Then) -> Result<u64, String> {
+    let empty = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(format!("{}: not empty", dir.display()));
+    }
+    let info = launch::snapshot::info_for(opts).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let saved = vmm
+        .snapshot(dir, &info)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            launch::snapshot::save_upper(opts, dir)
+                .map(|()| bytes)
+                .map_err(|e| e.to_string())
+        });
+    log::info!(
+        "snapshot into {}: {:?} in {:.1} ms",
+        dir.display(),
+        saved.as_ref().map(|_| ()),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    match (&saved, then) {
+        (Ok(_), Then::Stop) => vmm.stop(),
+        _ => {
+            if let Err(e) = vmm.resume() {
+                log::error!("cannot resume after the snapshot: {e}");
+                vmm.stop();
+            }
+        }
+    }
+    saved
+}
+
+/// Runs a started VM to its end (at most `timeout`), serving control requests meanwhile, and
+/// reports how it ended.
 fn run(vmm: Vmm, timeout: Option<Duration>) -> ExitCode {
+    run_with(vmm, timeout, None)
+}
+
+fn run_with(mut vmm: Vmm, timeout: Option<Duration>, control: Option<Control>) -> ExitCode {
     let t0 = Instant::now();
-    let reason = vmm.wait(timeout);
+    let reason = loop {
+        let left = timeout.map(|t| t.saturating_sub(t0.elapsed()));
+        if left.is_some_and(|l| l.is_zero()) {
+            break None;
+        }
+        let slice = left.map_or(CONTROL_POLL, |l| l.min(CONTROL_POLL));
+        if let Some(r) = vmm.wait(Some(slice)) {
+            break Some(r);
+        }
+        let Some(c) = &control else { continue };
+        while let Some((req, reply)) = c.server.try_next() {
+            match req {
+                control::Request::Snapshot { dir, then } => {
+                    match take_snapshot(&mut vmm, &c.opts, &dir, then) {
+                        Ok(bytes) => reply.ok(bytes),
+                        Err(e) => reply.error(&e),
+                    }
+                }
+            }
+        }
+    };
     let outcome = Outcome::new(reason, vmm.console(), timeout);
     drop(vmm);
     log::info!(
@@ -90,11 +167,43 @@ pub fn boot(a: &BootArgs) -> ExitCode {
             Err(e) => return launcher_error(format!("console log {}: {e}", p.display())),
         },
     };
-    let vmm = match Vmm::start(resolved.into_config(&opts, console)) {
+    let cfg = resolved.into_config(&opts, console);
+    let started = match &a.restore {
+        None => Vmm::start(cfg),
+        Some(dir) => match Snapshot::load(dir) {
+            Ok(snap) => {
+                let t = Instant::now();
+                let r = Vmm::restore(cfg, &snap);
+                log::info!(
+                    "restored from {} in {:.1} ms",
+                    dir.display(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                r
+            }
+            Err(e) => return launcher_error(e),
+        },
+    };
+    let vmm = match started {
         Ok(v) => v,
         Err(e) => return launcher_error(e),
     };
-    run(vmm, (a.timeout > 0).then(|| Duration::from_secs(a.timeout)))
+    // A VM the library started (it has a runtime directory) takes control requests.
+    let control = std::env::var_os(VM_DIR_ENV).and_then(|d| {
+        let path = vmrun::runtime::VmPaths::from_dir(d.into()).control();
+        match control::Server::bind(&path) {
+            Ok(server) => Some(Control { server, opts }),
+            Err(e) => {
+                log::warn!("no control socket at {}: {e}", path.display());
+                None
+            }
+        }
+    });
+    run_with(
+        vmm,
+        (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
+        control,
+    )
 }
 
 /// One of the built-in test guests (the test suite and the bench use them).

@@ -10,6 +10,7 @@ mod exit;
 mod named;
 mod progress;
 mod signals;
+mod snapshot;
 mod vm;
 
 use std::path::PathBuf;
@@ -47,6 +48,10 @@ enum Command {
         /// The VM's name (letters, digits, '-', '_', '.'); one is generated when omitted.
         #[arg(long)]
         name: Option<String>,
+        /// Start this many VMs (with --from: forks of one snapshot); with --name they are
+        /// NAME-1 … NAME-N.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -144,6 +149,12 @@ enum Command {
         #[arg(long)]
         initcalls: bool,
     },
+    /// Memory snapshots: boot once, then start VMs from the snapshot in milliseconds
+    /// (`vmrun start|exec|bash|run --from NAME`).
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Manage upper-layer disks for `--overlay PATH`.
     Overlay {
         #[command(subcommand)]
@@ -187,6 +198,23 @@ enum OverlayAction {
         #[arg(long, default_value = "ext4")]
         fstype: String,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Boot a VM with these options, wait for its agent and snapshot it (the VM then ends);
+    /// or, with --from VM, snapshot the running VM VM (see `vmrun ls`), which runs on.
+    Create {
+        /// The snapshot's name (kept in VMRUN_SNAPSHOT_DIR, else ~/.local/share/vmrun/snapshots),
+        /// or a directory path (with a '/').
+        name: String,
+        #[command(flatten)]
+        vm: Box<VmArgs>,
+    },
+    /// List the snapshots: memory, vCPUs, size on disk, the images they need.
+    Ls,
+    /// Remove snapshots.
+    Rm { names: Vec<String> },
 }
 
 #[derive(Subcommand)]
@@ -240,7 +268,16 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Boot(args) => boot::boot(&args),
-        Command::Start { name, vm } => named::start(name.as_deref(), &vm),
+        Command::Start { name, count, vm } => named::start(name.as_deref(), count, &vm),
+        Command::Snapshot {
+            action: SnapshotAction::Create { name, vm },
+        } => snapshot::create(&name, &vm),
+        Command::Snapshot {
+            action: SnapshotAction::Ls,
+        } => snapshot::ls(),
+        Command::Snapshot {
+            action: SnapshotAction::Rm { names },
+        } => snapshot::rm(&names),
         Command::Bash { name, vm } => bash::bash(name.as_deref(), &vm),
         Command::Exec {
             name: Some(name),

@@ -15,8 +15,11 @@ use super::exit::{exit_code, launcher_error};
 use super::vm::{command_code, CmdArgs};
 use super::{progress, signals, vm};
 
-/// `vmrun start`: boots a VM in the background and prints its name once its agent answers.
-pub fn start(name: Option<&str>, args: &VmArgs) -> ExitCode {
+/// `vmrun start`: boots `count` VMs (or restores them from `--from SNAPSHOT`) in the
+/// background and prints each name once its agent answers. With a name and a count above one
+/// they are NAME-1 … NAME-N. A failure stops there: VMs already started keep running (their
+/// names were printed).
+pub fn start(name: Option<&str>, count: usize, args: &VmArgs) -> ExitCode {
     let builder = match vm::builder(args) {
         Ok(b) => b,
         Err(code) => return code,
@@ -24,25 +27,35 @@ pub fn start(name: Option<&str>, args: &VmArgs) -> ExitCode {
     if args.dry_run {
         return vm::dry_run(&builder);
     }
-    let builder = match name {
-        Some(n) => builder.name(n),
-        None => builder,
-    };
-    let (builder, guard) = signals::own_on_start(builder);
-    let (builder, bar) = progress::attach(builder, name.unwrap_or("a VM"));
-    let started = builder.start();
-    progress::done(bar);
-    let vm = match started {
-        Ok(vm) => vm,
-        Err(e) => return launcher_error(e),
-    };
-    let name = match vm.detach() {
-        Ok(n) => n,
-        Err(e) => return launcher_error(e),
-    };
-    // Detached: a signal from now on leaves it running.
-    drop(guard);
-    println!("{name}");
+    if count == 0 {
+        return launcher_error("--count 0: start at least one VM");
+    }
+    for i in 1..=count {
+        let this = match (name, count) {
+            (Some(n), 1) => Some(n.to_string()),
+            (Some(n), _) => Some(format!("{n}-{i}")),
+            (None, _) => None,
+        };
+        let b = match &this {
+            Some(n) => builder.clone().name(n),
+            None => builder.clone(),
+        };
+        let (b, guard) = signals::own_on_start(b);
+        let (b, bar) = progress::attach(b, this.as_deref().unwrap_or("a VM"));
+        let started = b.start();
+        progress::done(bar);
+        let vm = match started {
+            Ok(vm) => vm,
+            Err(e) => return launcher_error(e),
+        };
+        let name = match vm.detach() {
+            Ok(n) => n,
+            Err(e) => return launcher_error(e),
+        };
+        // Detached: a signal from now on leaves it running.
+        drop(guard);
+        println!("{name}");
+    }
     ExitCode::SUCCESS
 }
 

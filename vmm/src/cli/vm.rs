@@ -45,9 +45,19 @@ pub fn dry_run(b: &VmBuilder) -> ExitCode {
 
 /// The library's builder for these flags.
 pub fn builder(args: &VmArgs) -> Result<VmBuilder, ExitCode> {
-    args.options()
+    let b = args
+        .options()
         .map(|o| Vm::builder().options(o))
-        .map_err(launcher_error)
+        .map_err(launcher_error)?;
+    match &args.from {
+        None => Ok(b),
+        Some(name) => find_snapshot(name).map(|dir| b.from_snapshot(dir)),
+    }
+}
+
+/// A snapshot's directory, by name or path.
+pub fn find_snapshot(name: &str) -> Result<PathBuf, ExitCode> {
+    vmrun::launch::snapshot::find(name).map_err(launcher_error)
 }
 
 /// How to run the command.

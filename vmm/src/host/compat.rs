@@ -2,6 +2,7 @@
 //! for them. Detection times a ring-0 loop against a ring-3 loop in test guests; the guest
 //! kernel variant and command line in `images/kernel/pvm/` are chosen from the result.
 
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -136,7 +137,7 @@ pub fn ring0_emulated() -> Result<bool, Arc<ProbeError>> {
 }
 
 /// Which guest kernel variant and command line to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compat {
     /// Probe the host: PVM variant when ring 0 is emulated.
     #[default]

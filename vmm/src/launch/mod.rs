@@ -6,7 +6,9 @@
 pub mod cmdline;
 pub mod images;
 pub mod overlay;
+pub mod snapshot;
 
+use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -27,7 +29,7 @@ pub const DEFAULT_MEMORY_MIB: u64 = 512;
 pub const DEFAULT_MEMORY_MIB_PVM: u64 = 256;
 
 /// The root filesystem disk.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Rootfs {
     /// `VMRUN_ROOTFS`, else the built ext4 image.
     #[default]
@@ -39,7 +41,7 @@ pub enum Rootfs {
 
 /// Everything a user can ask of a VM. `None` and `Default` fields are decided at
 /// [`resolve`] time from the environment and the built images.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmOptions {
     /// Default: `VMRUN_KERNEL`, else the built kernel for this kind of host.
     pub kernel: Option<PathBuf>,

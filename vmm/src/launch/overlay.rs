@@ -5,6 +5,7 @@
 //! Precedence: an explicit `root.overlay=` in the user's `--cmdline` wins over everything; then
 //! the chosen overlay (flags or library); then the environment toggle; else no overlay.
 
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,7 +21,7 @@ pub const UPPER_DEVICE: &str = "/dev/vdb";
 const DEFAULT_FSTYPE: &str = "ext4";
 
 /// The upper layer of the overlay root.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Overlay {
     /// No overlay: the root disk mounted directly, read-only.
     None,

@@ -135,6 +135,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// The interrupt status a restore found pending, raised by `after_restore`.
+    restored_interrupt: u32,
 }
 
 fn new_queues(sizes: &[u16]) -> std::io::Result<Vec<Queue>> {
@@ -185,6 +187,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             active: false,
+            restored_interrupt: 0,
         })
     }
 
@@ -266,15 +269,23 @@ impl MmioTransport {
                 .activate(self.mem.clone(), queues, self.acked_features)
                 .map_err(|source| RestoreError::Activate { device, source })?;
             self.active = true;
-            lock(&self.device).restored();
         } else {
             self.queues = queues;
         }
-        if s.interrupt_status != 0 {
-            // Raised again: the guest may not have seen it before the snapshot.
-            self.interrupt.signal(s.interrupt_status);
-        }
+        self.restored_interrupt = s.interrupt_status;
         Ok(())
+    }
+
+    /// Once the restored vCPUs exist (an interrupt raised before would reach no LAPIC): the
+    /// device tells the guest what it must, and a pending interrupt is raised again.
+    pub fn after_restore(&mut self) {
+        if self.active {
+            lock(&self.device).restored();
+        }
+        let pending = std::mem::take(&mut self.restored_interrupt);
+        if pending != 0 {
+            self.interrupt.signal(pending);
+        }
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

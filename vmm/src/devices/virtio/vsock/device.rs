@@ -32,6 +32,10 @@ pub struct Vsock {
     interrupt: Arc<Interrupt>,
     mem: Option<GuestMemoryMmap>,
     queues: Vec<Queue>,
+    /// After a restore: nothing goes to the guest until it has handled the transport reset
+    /// (it refills and kicks the event queue then); a connection delivered earlier would be
+    /// reset along with the ones the snapshot left behind.
+    awaiting_reset: bool,
 }
 
 impl Vsock {
@@ -44,6 +48,7 @@ impl Vsock {
             interrupt,
             mem: None,
             queues: Vec::new(),
+            awaiting_reset: false,
         })
     }
 
@@ -80,6 +85,9 @@ impl Vsock {
 
     /// Host → guest packets, while the guest has buffers and the muxer has something to say.
     fn process_rx(&mut self) -> bool {
+        if self.awaiting_reset {
+            return false;
+        }
         let (Some(mem), Some(q)) = (self.mem.as_ref(), self.queues.get_mut(RXQ)) else {
             return false;
         };
@@ -226,12 +234,15 @@ impl VirtioDevice for Vsock {
     /// Connections did not survive the snapshot: a transport-reset event makes the guest drop
     /// them (its listeners stay) and re-read its CID.
     fn restored(&mut self) {
-        if !self.post_event(EVENT_TRANSPORT_RESET) {
+        if self.post_event(EVENT_TRANSPORT_RESET) {
+            self.awaiting_reset = true;
+        } else {
             log::warn!("vsock: no event buffer for the transport reset after a restore");
         }
     }
 
     fn reset(&mut self) {
+        self.awaiting_reset = false;
         self.muxer.reset();
         self.queues.clear();
         self.mem = None;
@@ -244,6 +255,11 @@ impl VirtioDevice for Vsock {
                 self.process_rx() | tx
             }
             RXQ => self.process_rx(),
+            EVQ => {
+                // The guest refilled the event queue: it has handled the reset.
+                self.awaiting_reset = false;
+                self.process_rx()
+            }
             _ => false,
         };
         self.kick(used);

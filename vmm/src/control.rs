@@ -1,0 +1,273 @@
+//! The VMM process's control socket (`control.sock` in the VM's runtime directory): what the
+//! library asks of a running VMM besides the guest's agent. One request line per connection,
+//! one reply line back. The peer is treated as hostile: lines are bounded, only the socket's
+//! owner (the VMM's own uid) is served, and every malformed request gets an error reply.
+//!
+//! Requests: `snapshot resume|stop DIR` (DIR absolute, existing, empty). Replies: `ok BYTES`
+//! or `error MESSAGE`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Longest request or reply line.
+const LINE_MAX: u64 = 8192;
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("cannot reach the VMM's control socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VMM's control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the VMM refused: {0}")]
+    Refused(String),
+    #[error("the VMM answered something that is not a reply: {0:?}")]
+    BadReply(String),
+    #[error("{0}: a snapshot directory must be an absolute path without a newline")]
+    BadPath(PathBuf),
+}
+
+/// What the VM does after its snapshot is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    Resume,
+    Stop,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Snapshot { dir: PathBuf, then: Then },
+}
+
+impl Request {
+    fn encode(&self) -> Result<Vec<u8>, ControlError> {
+        match self {
+            Request::Snapshot { dir, then } => {
+                let bytes = dir.as_os_str().as_bytes();
+                if !dir.is_absolute() || bytes.contains(&b'\n') {
+                    return Err(ControlError::BadPath(dir.clone()));
+                }
+                let mut line = match then {
+                    Then::Resume => b"snapshot resume ".to_vec(),
+                    Then::Stop => b"snapshot stop ".to_vec(),
+                };
+                line.extend_from_slice(bytes);
+                line.push(b'\n');
+                Ok(line)
+            }
+        }
+    }
+
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let (then, rest) = if let Some(r) = line.strip_prefix(b"snapshot resume ") {
+            (Then::Resume, r)
+        } else if let Some(r) = line.strip_prefix(b"snapshot stop ") {
+            (Then::Stop, r)
+        } else {
+            return Err("unknown request (use `snapshot resume|stop DIR`)".into());
+        };
+        let dir = PathBuf::from(std::ffi::OsStr::from_bytes(rest));
+        if !dir.is_absolute() || rest.contains(&b'\n') {
+            return Err(format!("{}: not an absolute path", dir.display()));
+        }
+        Ok(Request::Snapshot { dir, then })
+    }
+}
+
+/// Sends one request and waits (at most `timeout`) for its reply: `ok` with its number, or
+/// the VMM's error.
+pub fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<u64, ControlError> {
+    let line = req.encode()?;
+    let mut s = UnixStream::connect(socket).map_err(|source| ControlError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s.take(LINE_MAX)).read_line(&mut reply)?;
+    let reply = reply.trim_end();
+    if let Some(msg) = reply.strip_prefix("error ") {
+        return Err(ControlError::Refused(msg.to_string()));
+    }
+    reply
+        .strip_prefix("ok ")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| ControlError::BadReply(reply.to_string()))
+}
+
+/// Where a request's answer goes.
+pub struct Reply(UnixStream);
+
+impl Reply {
+    pub fn ok(mut self, n: u64) {
+        let _ = writeln!(self.0, "ok {n}");
+    }
+    pub fn error(mut self, msg: &str) {
+        let _ = writeln!(self.0, "error {}", msg.replace('\n', " "));
+    }
+}
+
+/// The serving side: a thread accepts and parses; the VMM's main loop takes the requests.
+pub struct Server {
+    rx: Receiver<(Request, Reply)>,
+    path: PathBuf,
+}
+
+/// The uid of the peer of a Unix socket.
+fn peer_uid(s: &UnixStream) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes one ucred into the buffer whose size `len` gives.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
+
+fn serve_one(s: UnixStream, tx: &Sender<(Request, Reply)>) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let reply = Reply(match s.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    });
+    if peer_uid(&s) != Some(me) {
+        reply.error("only the VM's owner may control it");
+        return;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = Vec::new();
+    if BufReader::new(s.take(LINE_MAX))
+        .read_until(b'\n', &mut line)
+        .is_err()
+    {
+        return;
+    }
+    match Request::parse(&line) {
+        Ok(req) => {
+            if let Err(mpsc::SendError((_, r))) = tx.send((req, reply)) {
+                r.error("the VM is ending");
+            }
+        }
+        Err(e) => reply.error(&e),
+    }
+}
+
+impl Server {
+    /// Binds `path` (a leftover socket there is replaced) and starts accepting.
+    pub fn bind(path: &Path) -> std::io::Result<Server> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("vmm-control".into())
+            .spawn(move || {
+                for s in listener.incoming().flatten() {
+                    serve_one(s, &tx);
+                }
+            })?;
+        Ok(Server {
+            rx,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The next request, if one is waiting.
+    pub fn try_next(&self) -> Option<(Request, Reply)> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_junk_is_refused() {
+        let r = Request::Snapshot {
+            dir: "/var/snap shots/a".into(),
+            then: Then::Stop,
+        };
+        assert_eq!(Request::parse(&r.encode().unwrap()).unwrap(), r);
+        assert!(Request::parse(b"snapshot resume relative/dir\n").is_err());
+        assert!(Request::parse(b"reboot\n").is_err());
+        assert!(Request::parse(&[0xff; 100]).is_err());
+        assert!(Request::Snapshot {
+            dir: "/a\nb".into(),
+            then: Then::Resume
+        }
+        .encode()
+        .is_err());
+    }
+
+    #[test]
+    fn a_server_answers_and_refuses() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("control.sock");
+        let server = Server::bind(&sock).unwrap();
+        let t = std::thread::spawn({
+            let sock = sock.clone();
+            move || {
+                call(
+                    &sock,
+                    &Request::Snapshot {
+                        dir: "/x".into(),
+                        then: Then::Resume,
+                    },
+                    Duration::from_secs(5),
+                )
+            }
+        });
+        let (req, reply) = loop {
+            if let Some(x) = server.try_next() {
+                break x;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(
+            req,
+            Request::Snapshot {
+                dir: "/x".into(),
+                then: Then::Resume
+            }
+        );
+        reply.ok(42);
+        assert_eq!(t.join().unwrap().unwrap(), 42);
+
+        // A malformed line gets an error reply, not silence.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(b"format c:\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("error unknown request"), "{out}");
+        drop(server);
+        assert!(!sock.exists());
+    }
+}
