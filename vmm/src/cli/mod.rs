@@ -129,6 +129,9 @@ enum Command {
         /// Measure inside a VM even where guest ring 0 is emulated (labelled as such).
         #[arg(long)]
         guest: bool,
+        /// Only these groups of rows (repeatable): vmm, agent, vsock, guest, snapshot.
+        #[arg(long, value_enum)]
+        only: Vec<bench::Group>,
     },
     /// Where a VM's start and one exec spend their time: the start phases, the guest kernel's
     /// log, KVM's exits and page faults. With several --build, the builds are compared side by
@@ -355,8 +358,8 @@ pub fn main() -> ExitCode {
                 exit_code(EXIT_LAUNCHER)
             }
         },
-        Command::Bench { quick, guest } => {
-            print!("{}", bench::run(bench::Scale { quick }, guest));
+        Command::Bench { quick, guest, only } => {
+            print!("{}", bench::run(bench::Scale { quick }, guest, &only));
             ExitCode::SUCCESS
         }
         Command::Profile {

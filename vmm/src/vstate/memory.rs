@@ -181,18 +181,24 @@ mod tests {
         let size = 16u64 << 20;
         let mem = create(size).unwrap();
         mem.write_slice(b"first page", GuestAddress(0)).unwrap();
-        mem.write_slice(b"far away", GuestAddress(size - 4096)).unwrap();
+        mem.write_slice(b"far away", GuestAddress(size - 4096))
+            .unwrap();
         let f = tempfile::tempfile().unwrap();
         assert_eq!(dump(&mem, &f).unwrap(), size);
         let m = f.metadata().unwrap();
         assert_eq!(m.len(), size);
-        assert!(m.blocks() * 512 <= 64 << 10, "{} bytes on disk", m.blocks() * 512);
+        assert!(
+            m.blocks() * 512 <= 64 << 10,
+            "{} bytes on disk",
+            m.blocks() * 512
+        );
 
         let back = map_file(size, &f).unwrap();
         let mut buf = [0u8; 10];
         back.read_slice(&mut buf, GuestAddress(0)).unwrap();
         assert_eq!(&buf, b"first page");
-        back.read_slice(&mut buf[..8], GuestAddress(size - 4096)).unwrap();
+        back.read_slice(&mut buf[..8], GuestAddress(size - 4096))
+            .unwrap();
         assert_eq!(&buf[..8], b"far away");
         // Copy-on-write: a write to the mapping never reaches the file.
         back.write_slice(b"changed", GuestAddress(0)).unwrap();

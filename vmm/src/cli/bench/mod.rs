@@ -6,12 +6,28 @@
 mod agent;
 mod guest;
 pub mod profile;
+pub mod snapshot;
 mod table;
 mod vmm;
 mod vsock;
 
 use table::render;
 pub use table::Scale;
+
+/// The bench's groups of rows (`vmrun bench --only`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Group {
+    /// VMM spawn and RSS.
+    Vmm,
+    /// The agent over its host transport.
+    Agent,
+    /// The vsock device model.
+    Vsock,
+    /// Boot, exec and upload inside a VM.
+    Guest,
+    /// Snapshot create, restore, forks.
+    Snapshot,
+}
 
 /// The host's KVM, for the header: what the guest figures (if any) measure.
 fn kvm_kind() -> (String, bool) {
@@ -44,7 +60,7 @@ fn cpu_emulated() -> bool {
 
 /// Runs every row and prints the table; `guest` forces the in-VM rows on a host that
 /// emulates ring 0 (they are then labelled as emulator figures).
-pub fn run(scale: Scale, guest: bool) -> String {
+pub fn run(scale: Scale, guest: bool, only: &[Group]) -> String {
     let (kind, at_speed) = kvm_kind();
     let judged = !cpu_emulated();
     let header = format!(
@@ -67,9 +83,21 @@ pub fn run(scale: Scale, guest: bool) -> String {
         }
     );
     let mut rows = Vec::new();
-    rows.extend(vmm::rows(scale));
-    rows.extend(agent::rows(scale));
-    rows.extend(vsock::rows(scale));
-    rows.extend(guest::rows(scale, at_speed, guest));
+    let on = |g: Group| only.is_empty() || only.contains(&g);
+    if on(Group::Vmm) {
+        rows.extend(vmm::rows(scale));
+    }
+    if on(Group::Agent) {
+        rows.extend(agent::rows(scale));
+    }
+    if on(Group::Vsock) {
+        rows.extend(vsock::rows(scale));
+    }
+    if on(Group::Guest) {
+        rows.extend(guest::rows(scale, at_speed, guest));
+    }
+    if on(Group::Snapshot) {
+        rows.extend(snapshot::rows(scale, at_speed, guest));
+    }
     render(&header, &rows, judged)
 }
