@@ -197,3 +197,73 @@ fn bash_killed_from_outside_restores_the_terminal() {
         "the VMM outlived vmrun bash"
     );
 }
+
+/// `vmrun snapshot create|ls|rm`, `start --from --count`, `exec --from`, a snapshot of a
+/// running VM (`create --from VM`), and the errors a person meets.
+#[test]
+fn snapshot_commands() {
+    if !ready("snapshot_commands") {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str], what: &str| {
+        let mut c = vmrun();
+        c.env("VMRUN_SNAPSHOT_DIR", store.path()).args(args);
+        run(c, b"", &Budget::new(what.to_string(), 60, 300))
+    };
+    let (code, out, err) = cmd(
+        &["snapshot", "create", "base", "--overlay", "tmpfs"],
+        "vmrun snapshot create",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("base: "), "{out}");
+    let (code, out, err) = cmd(
+        &["start", "--from", "base", "--count", "2", "--name", "fork"],
+        "vmrun start --from --count 2",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "fork-1\nfork-2\n");
+    let (code, out, _) = cmd(&["exec", "fork-2", "--", "nproc"], "exec in a fork");
+    assert_eq!((code, out.as_str()), (0, "1\n"));
+    // A snapshot of a running VM, which runs on.
+    let (code, _, err) = cmd(
+        &["exec", "fork-1", "--", "sh", "-c", "echo one > /mark"],
+        "exec in a fork",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cmd(
+        &["snapshot", "create", "marked", "--from", "fork-1"],
+        "vmrun snapshot create --from VM",
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = cmd(&["exec", "fork-1", "--", "cat", "/mark"], "the VM runs on");
+    assert_eq!((code, out.as_str()), (0, "one\n"));
+    let (code, out, err) = cmd(
+        &["exec", "--from", "marked", "--", "cat", "/mark"],
+        "exec --from a snapshot",
+    );
+    assert_eq!((code, out.as_str()), (0, "one\n"), "{err}");
+    let (code, out, _) = cmd(&["snapshot", "ls"], "vmrun snapshot ls");
+    assert_eq!(code, 0);
+    assert!(out.contains("base ") && out.contains("marked "), "{out}");
+
+    // Errors: an unknown snapshot, a name taken, options with --from VM.
+    let (code, _, err) = cmd(&["start", "--from", "nosuch"], "an unknown snapshot");
+    assert_eq!(code, 125);
+    assert!(err.contains("no snapshot nosuch"), "{err}");
+    let (code, _, err) = cmd(&["snapshot", "create", "base"], "a taken name");
+    assert_eq!(code, 125);
+    assert!(err.contains("snapshot rm base"), "{err}");
+    let (code, _, err) = cmd(
+        &["snapshot", "create", "x", "--from", "fork-1", "--cpus", "2"],
+        "options with --from VM",
+    );
+    assert_eq!(code, 125);
+    assert!(err.contains("VM options apply only"), "{err}");
+
+    let (code, _, _) = cmd(&["stop", "fork-1", "fork-2"], "vmrun stop");
+    assert_eq!(code, 0);
+    let (code, _, _) = cmd(&["snapshot", "rm", "base", "marked"], "vmrun snapshot rm");
+    assert_eq!(code, 0);
+    assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+}

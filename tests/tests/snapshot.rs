@@ -1,5 +1,6 @@
-//! T4: memory snapshots of a real guest through the library: a VM whose agent is ready writes
-//! a file and is snapshotted; a VM restored from it has the file and runs commands; three
+//! T4: memory snapshots of a real guest through the library: a 2-vCPU VM whose agent is ready
+//! writes a file and is snapshotted, then runs on; a VM restored from the snapshot has the file
+//! (and nothing written after it) and runs commands; three
 //! forks of one snapshot each write their own file, and their captures differ by exactly that
 //! file; forks do not share random streams and their clocks are the host's; a snapshot taken
 //! with another rootfs, and a truncated one, are refused with a clear error.
@@ -52,18 +53,21 @@ fn snapshot_restore_fork_and_refusals() {
     let vm = Vm::builder()
         .rootfs(&rootfs)
         .overlay(Overlay::Tmpfs { size: None })
+        .vcpus(2)
         .boot_timeout(boot_budget())
         .start()
         .unwrap();
     let cold = t.elapsed();
     run(&vm, &["sh", "-c", "echo before-snapshot > /work-file"]);
     let t = Instant::now();
-    let bytes = vm.snapshot(&snap, Then::Stop).unwrap();
+    let bytes = vm.snapshot(&snap, Then::Resume).unwrap();
     let took = t.elapsed();
-    drop(vm);
     assert!(bytes > 0);
+    // The VM runs on after its snapshot; what it does now is not in the snapshot.
+    run(&vm, &["sh", "-c", "echo after > /after-snapshot"]);
+    drop(vm);
 
-    // Restore: the file is there and exec works.
+    // Restore: the file is there, exec works, on both vCPUs.
     let t = Instant::now();
     let r = Vm::builder()
         .from_snapshot(&snap)
@@ -74,6 +78,18 @@ fn snapshot_restore_fork_and_refusals() {
     let t = Instant::now();
     assert_eq!(run(&r, &["cat", "/work-file"]), "before-snapshot\n");
     let first_exec = t.elapsed();
+    assert_eq!(run(&r, &["nproc"]), "2\n");
+    assert_eq!(
+        run(
+            &r,
+            &[
+                "sh",
+                "-c",
+                "test -e /after-snapshot && echo there || echo absent"
+            ]
+        ),
+        "absent\n"
+    );
     drop(r);
 
     // Three forks at once, each writing its own file; their captures differ by that file.
