@@ -66,7 +66,9 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     // The common case (no chroot or identity change; a terminal is fine) needs nothing
     // between fork and exec that posix_spawn cannot do, so it is started that way
     // (`crate::spawn`), which takes a path.
-    let simple = !cfg.chroot && x.uid.is_none() && x.gid.is_none();
+    // In rooted mode this thread is confined to the root first; children inherit it.
+    cfg.confine_thread()?;
+    let simple = x.uid.is_none() && x.gid.is_none();
     let program = if simple && !argv0.contains('/') {
         let path = x
             .env
@@ -93,7 +95,7 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         // posix_spawn (vfork-like: no copy of the agent's page tables); see `spawn`.
         let cwd = match &x.cwd {
             Some(c) => cfg.resolve(c)?,
-            None => cfg.root.clone(),
+            None => cfg.resolve("/")?,
         };
         let program = cstring(&program.to_string_lossy(), "the program path")?;
         let argv = x
@@ -143,23 +145,10 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
     cmd.args(&x.argv[1..]);
     cmd.env_clear().envs(env);
 
-    let chroot = if cfg.chroot {
-        Some(cstring(&cfg.root.to_string_lossy(), "root")?)
-    } else {
-        None
-    };
-    let cwd = match (&x.cwd, cfg.chroot) {
-        (Some(c), true) => Some(cstring(c, "cwd")?),
-        (Some(c), false) => {
-            cmd.current_dir(cfg.resolve(c)?);
-            None
-        }
-        (None, true) => Some(cstring("/", "cwd")?),
-        (None, false) => {
-            cmd.current_dir(&cfg.root);
-            None
-        }
-    };
+    cmd.current_dir(match &x.cwd {
+        Some(c) => cfg.resolve(c)?,
+        None => cfg.resolve("/")?,
+    });
     let (uid, gid) = (x.uid, x.gid);
 
     let mut pty_master: Option<OwnedFd> = None;
@@ -183,7 +172,7 @@ fn spawn(cfg: &Config, x: &Exec) -> Result<Running, ErrorInfo> {
         .stderr(Stdio::piped());
     }
     let pty = pty_master.is_some();
-    set_up_child(&mut cmd, pty, chroot, cwd, uid, gid);
+    set_up_child(&mut cmd, pty, uid, gid);
     let mut child = cmd.spawn().map_err(|e| spawn_error(argv0, &e))?;
     let pid = child.id() as i32;
     let (stdin, out, err) = match pty_master {
@@ -292,15 +281,8 @@ fn supervised(
 }
 
 /// What runs between fork and exec when the simple path does not apply: a session (and the
-/// PTY as controlling terminal), chroot, working directory, identity.
-fn set_up_child(
-    cmd: &mut Command,
-    pty: bool,
-    chroot: Option<CString>,
-    cwd: Option<CString>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-) {
+/// PTY as controlling terminal) and identity. (The root is the thread's, inherited.)
+fn set_up_child(cmd: &mut Command, pty: bool, uid: Option<u32>, gid: Option<u32>) {
     // SAFETY: the closure runs in the child between fork and exec and only makes
     // async-signal-safe system calls on data prepared before the fork.
     unsafe {
@@ -312,16 +294,6 @@ fn set_up_child(
             }
             if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
-            }
-            if let Some(root) = &chroot {
-                if libc::chroot(root.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(dir) = &cwd {
-                if libc::chdir(dir.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
             }
             if let Some(g) = gid {
                 if libc::setgid(g) < 0 {

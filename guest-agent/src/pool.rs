@@ -121,27 +121,21 @@ mod tests {
     fn workers_are_reused_and_idle_ones_end() {
         let pool = Pool::new(Duration::from_millis(300));
         let (tx, rx) = mpsc::channel();
-        for _ in 0..3 {
-            let tx = tx.clone();
-            pool.execute(Box::new(move || {
-                tx.send(std::thread::current().id()).unwrap();
-            }))
-            .unwrap();
-            rx.recv().unwrap();
-            // Let the worker go back to waiting before the next job.
-            let t = Instant::now();
-            while pool.idle() == 0 && t.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        let ids: Vec<_> = (0..3)
+        // Each job starts once the worker before it is back to waiting (the job's send comes
+        // before that, so a job sent at once could find no idle worker and start another).
+        let ids: Vec<_> = (0..4)
             .map(|_| {
                 let tx = tx.clone();
                 pool.execute(Box::new(move || {
                     tx.send(std::thread::current().id()).unwrap();
                 }))
                 .unwrap();
-                rx.recv().unwrap()
+                let id = rx.recv().unwrap();
+                let t = Instant::now();
+                while pool.idle() == 0 && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                id
             })
             .collect();
         assert!(

@@ -93,8 +93,9 @@ fn proto_error(e: &ProtoError) -> ErrorInfo {
 }
 
 /// Serves until a `Shutdown` request (then returns) or the listener fails.
-pub fn serve(listener: Listener, cfg: Config) -> io::Result<()> {
+pub fn serve(listener: Listener, mut cfg: Config) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    cfg.open_root()?;
     let cfg = Arc::new(cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let lfd = match &listener {

@@ -20,6 +20,7 @@ fn config(root: &Path) -> Config {
         upper: "/upper".into(),
         chroot: false,
         exit_on_shutdown: false,
+        root_fd: None,
     }
 }
 

@@ -68,6 +68,7 @@ fn with_agent<T: Send + 'static>(
             upper: "/.overlayfs/upperfs/upper".into(),
             chroot: true,
             exit_on_shutdown: false,
+            root_fd: None,
         };
         let server = std::thread::spawn(move || serve(Listener::Unix(listener), acfg));
         let client = AgentClient::new(Endpoint::Unix(sock));
@@ -417,6 +418,45 @@ fn file_operations_and_their_errors() {
         let o = c.exec(exec(&["cat", "/etc/motd"]), None).unwrap();
         assert_eq!(o.stdout, b"version 2");
     });
+}
+
+/// Symlinks in the root that point out of it (absolute, or `..` past the top) resolve inside
+/// the root, as they would for the guest: an upload, a download, a mkdir or a remove through
+/// them never touches the host's own files.
+#[test]
+fn symlinks_never_lead_out_of_the_root() {
+    let name = "symlinks_never_lead_out_of_the_root";
+    let Some(img) = rootfs(name) else { return };
+    let marker = format!("vmrun-escape-{}", std::process::id());
+    let host_file = Path::new("/tmp").join(&marker);
+    let m = marker.clone();
+    let inside = with_agent(&img, None, move |c, root| {
+        let o = c
+            .exec(
+                sh("mkdir -p /tmp && ln -s /tmp /lnk && ln -s ../../../../../../tmp /up"),
+                None,
+            )
+            .unwrap();
+        assert_eq!(o.status, vmrun_protocol::agent::ExitStatus::Exited(0));
+        c.upload(&format!("/lnk/{m}"), 0o644, false, false, &b"in"[..])
+            .unwrap();
+        c.upload(&format!("/up/{m}.2"), 0o644, false, false, &b"in"[..])
+            .unwrap();
+        c.mkdir(&format!("/lnk/{m}.d"), 0o755, false).unwrap();
+        let mut v = Vec::new();
+        c.download(&format!("/up/{m}"), &mut v).unwrap();
+        assert_eq!(v, b"in");
+        c.remove(&format!("/up/{m}.d"), false).unwrap();
+        root.join("tmp").join(&m).exists()
+    });
+    assert!(inside, "the upload landed in the root's /tmp");
+    for p in [
+        host_file.clone(),
+        host_file.with_extension("2"),
+        host_file.with_extension("d"),
+    ] {
+        assert!(!p.exists(), "{} was made outside the root", p.display());
+    }
 }
 
 /// Raw protocol: a client that misbehaves gets an error and a closed connection, and the
