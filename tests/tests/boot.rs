@@ -40,6 +40,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
         vsock: None,
         probes: false,
         hide_pv_hypercalls: pvm,
+        seccomp: None,
     })
     .expect("VM starts");
     let started = t0.elapsed();

@@ -165,6 +165,7 @@ pub struct Vmm {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     vcpu_count: u8,
     mem_mib: u64,
+    seccomp: Option<Arc<crate::seccomp::Filters>>,
     started: Instant,
     // The VM fd and the memory KVM maps, kept alive for the vCPU threads.
     vm: VmFd,
@@ -327,13 +328,15 @@ impl Vmm {
             transports,
             vcpu_count: cfg.vcpus,
             mem_mib: cfg.mem_mib,
+            seccomp: cfg.seccomp.clone(),
             started,
             vm,
             mem,
             _stats: stats,
         };
         vmm.event_thread = Some(vmm.spawn_events(events).map_err(StartError::EventThread)?);
-        for v in vcpus {
+        for mut v in vcpus {
+            v.set_seccomp(vmm.seccomp.clone());
             // On failure, Drop stops the threads already started.
             vmm.threads.push(v.spawn()?);
         }
@@ -345,9 +348,17 @@ impl Vmm {
     fn spawn_events(&self, mut events: Events) -> std::io::Result<JoinHandle<Events>> {
         let exit = self.exit.clone();
         let hold = self.hold_events.clone();
+        let seccomp = self.seccomp.clone();
         std::thread::Builder::new()
             .name("vmm-events".into())
             .spawn(move || {
+                if let Some(f) = seccomp {
+                    if let Err(e) = crate::seccomp::apply("event-loop", &f.events) {
+                        log::error!("{e}");
+                        exit.request(ExitReason::Stopped);
+                        return events;
+                    }
+                }
                 while !exit.should_stop() && !hold.load(Ordering::SeqCst) {
                     if let Err(e) = events.run_with_timeout(EVENT_POLL_MS) {
                         log::error!("event loop: {e:?}");

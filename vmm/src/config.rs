@@ -90,6 +90,8 @@ pub struct VmConfig {
     /// Hide KVM's paravirtual features that make the guest issue `vmcall`: where guest ring 0
     /// is emulated (the PVM compatibility variant), a `vmcall` from it livelocks the vCPU.
     pub hide_pv_hypercalls: bool,
+    /// The seccomp filters each VMM thread installs on itself (`None`: no filtering).
+    pub seccomp: Option<std::sync::Arc<crate::seccomp::Filters>>,
 }
 
 #[cfg(test)]

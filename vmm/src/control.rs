@@ -175,14 +175,24 @@ fn serve_one(s: UnixStream, tx: &Sender<(Request, Reply)>) {
 }
 
 impl Server {
-    /// Binds `path` (a leftover socket there is replaced) and starts accepting.
-    pub fn bind(path: &Path) -> std::io::Result<Server> {
+    /// Binds `path` (a leftover socket there is replaced) and starts accepting, on a thread
+    /// that installs `seccomp`'s control filter on itself first.
+    pub fn bind(
+        path: &Path,
+        seccomp: Option<std::sync::Arc<crate::seccomp::Filters>>,
+    ) -> std::io::Result<Server> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("vmm-control".into())
             .spawn(move || {
+                if let Some(f) = seccomp {
+                    if let Err(e) = crate::seccomp::apply("control", &f.control) {
+                        log::error!("{e}; no control requests are served");
+                        return;
+                    }
+                }
                 for s in listener.incoming().flatten() {
                     serve_one(s, &tx);
                 }
@@ -231,7 +241,7 @@ mod tests {
     fn a_server_answers_and_refuses() {
         let d = tempfile::tempdir().unwrap();
         let sock = d.path().join("control.sock");
-        let server = Server::bind(&sock).unwrap();
+        let server = Server::bind(&sock, None).unwrap();
         let t = std::thread::spawn({
             let sock = sock.clone();
             move || {

@@ -28,6 +28,8 @@ pub mod outcome;
 #[doc(hidden)]
 pub mod runtime;
 #[doc(hidden)]
+pub mod seccomp;
+#[doc(hidden)]
 pub mod snapshot;
 #[doc(hidden)]
 pub mod vstate;

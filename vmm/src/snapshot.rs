@@ -243,6 +243,30 @@ fn encode(body: &Body) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// A whole state file's bytes, as [`Snapshot::load`] checks them (for fuzzing and tools).
+pub fn parse_state(bytes: &[u8]) -> Result<(SnapshotInfo, MachineState), SnapshotError> {
+    let path = Path::new("(bytes)");
+    if bytes.len() < PREFIX {
+        return Err(SnapshotError::NotASnapshot(path.into()));
+    }
+    let mut prefix = [0u8; PREFIX];
+    prefix.copy_from_slice(&bytes[..PREFIX]);
+    let (machine, info) = parse(path, &prefix, &mut &bytes[PREFIX..], bytes.len() as u64)?;
+    Ok((info, machine))
+}
+
+/// A state file whose header and checksum are right for `body`, whatever it holds: what
+/// someone who can rewrite a snapshot can make (the fuzzer feeds such files to the decoder).
+pub fn with_valid_checksum(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX + body.len() + DIGEST);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(body);
+    out.extend_from_slice(&Sha256::digest(body));
+    out
+}
+
 /// Checks the prefix, reads and verifies the body, decodes it and checks it for sense.
 fn parse(
     path: &Path,
@@ -432,20 +456,6 @@ mod tests {
             .contains("another size"));
     }
 
-    fn parse_bytes(b: &[u8]) -> Result<(MachineState, SnapshotInfo), SnapshotError> {
-        let mut prefix = [0u8; PREFIX];
-        if b.len() < PREFIX {
-            return Err(SnapshotError::NotASnapshot("short".into()));
-        }
-        prefix.copy_from_slice(&b[..PREFIX]);
-        parse(
-            Path::new("fuzz"),
-            &prefix,
-            &mut &b[PREFIX..],
-            b.len() as u64,
-        )
-    }
-
     // The parser's fuzz target (bounded, runs with `cargo test`; PROPTEST_CASES raises it).
     proptest::proptest! {
         /// Random damage to a valid state file: an error, never a panic; a flipped bit past
@@ -464,7 +474,7 @@ mod tests {
             if let Some(c) = cut {
                 b.truncate(c % b.len());
             }
-            proptest::prop_assert!(parse_bytes(&b).is_err());
+            proptest::prop_assert!(parse_state(&b).is_err());
         }
 
         /// Arbitrary bodies under a valid checksum (what someone who recomputes the digest can
@@ -474,13 +484,7 @@ mod tests {
         fn arbitrary_bodies_with_valid_checksums_never_panic(
             payload in proptest::collection::vec(proptest::num::u8::ANY, 0..8192),
         ) {
-            let mut file = Vec::new();
-            file.extend_from_slice(&MAGIC);
-            file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-            file.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-            file.extend_from_slice(&payload);
-            file.extend_from_slice(&Sha256::digest(&payload));
-            let _ = parse_bytes(&file);
+            let _ = parse_state(&with_valid_checksum(&payload));
         }
     }
 }

@@ -43,6 +43,7 @@ fn start(g: TestGuest, vcpus: u8) -> Vmm {
         vsock: None,
         probes: true,
         hide_pv_hypercalls: false,
+        seccomp: None,
     })
     .expect("test guest starts")
 }
@@ -86,6 +87,7 @@ fn pio_and_mmio_exits_reach_their_devices() {
         vsock: None,
         probes: false,
         hide_pv_hypercalls: false,
+        seccomp: None,
     })
     .unwrap();
     assert_eq!(vmm.wait(WAIT), Some(ExitReason::Status(Status::Exited(0))));
@@ -94,6 +96,37 @@ fn pio_and_mmio_exits_reach_their_devices() {
 
 fn vmrun_bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmrun"))
+}
+
+/// A system call outside the vCPU thread's seccomp allow-list (the test program makes the
+/// probe device call `uname`) stops the VMM with 128 + SIGSYS and names the thread and call.
+#[test]
+fn a_forbidden_system_call_stops_the_vmm_and_says_why() {
+    if !kvm_or_skip("a_forbidden_system_call_stops_the_vmm_and_says_why") {
+        return;
+    }
+    let out = vmrun_bin()
+        .args(["test-guest", "forbidden-call"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(vmrun::seccomp::EXIT_SECCOMP),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{}vcpu0 made a system call outside its seccomp allow-list (number {})",
+            vmrun::seccomp::REPORT,
+            libc::SYS_uname
+        )),
+        "{err}"
+    );
+    // The same guest's other paths run under the filters: serial, status port, teardown.
+    let out = vmrun_bin().args(["test-guest", "hello"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"hello from a vmrun test guest\n");
 }
 
 #[test]
@@ -214,6 +247,7 @@ fn linux(
         vsock: None,
         probes: true,
         hide_pv_hypercalls: false,
+        seccomp: None,
     })
 }
 
@@ -317,6 +351,7 @@ fn boot_image(
         vsock: None,
         probes: true,
         hide_pv_hypercalls: false,
+        seccomp: None,
     })
     .unwrap();
     let r = vmm.wait(WAIT);
@@ -398,6 +433,7 @@ fn every_kernel_entry_path_boots() {
             vsock: None,
             probes: true,
             hide_pv_hypercalls: false,
+            seccomp: None,
         })
         .map(|_| ())
     });

@@ -41,6 +41,7 @@ fn config(g: &TestGuest) -> VmConfig {
         vsock: None,
         probes: true,
         hide_pv_hypercalls: false,
+        seccomp: None,
     }
 }
 

@@ -358,11 +358,34 @@ impl Vm {
             dir: dir.to_path_buf(),
             then,
         };
-        Ok(control::call(
-            &self.paths.control(),
-            &req,
-            SNAPSHOT_TIMEOUT,
-        )?)
+        control::call(&self.paths.control(), &req, SNAPSHOT_TIMEOUT).map_err(|e| {
+            // A VMM that died on the request is named with its last word.
+            for _ in 0..10 {
+                if let Some(status) = self.ended() {
+                    let status = status.map_or_else(|| "VMM gone".into(), |s| s.to_string());
+                    return VmError::Stopped {
+                        status: match self.vmm_last_word() {
+                            Some(w) => format!("{status}: {w}"),
+                            None => status,
+                        },
+                        console_tail: self.console_tail(20),
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            e.into()
+        })
+    }
+
+    /// The VMM's last `vmrun: ` line in its log, if any.
+    fn vmm_last_word(&self) -> Option<String> {
+        let log = std::fs::read(self.paths.vmm_log()).ok()?;
+        let tail = &log[log.len().saturating_sub(8192)..];
+        String::from_utf8_lossy(tail)
+            .lines()
+            .filter_map(|l| l.strip_prefix("vmrun: "))
+            .next_back()
+            .map(str::to_string)
     }
 
     /// Streams a tar of everything the guest wrote (the overlay upper layer).

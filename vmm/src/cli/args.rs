@@ -58,6 +58,9 @@ pub struct VmArgs {
     /// Entry protocol for ELF kernels: auto, pvh or linux64.
     #[arg(long, default_value_t = BootProtocol::Auto)]
     boot_protocol: BootProtocol,
+    /// Run the VMM without its seccomp filters (debugging; `vmrun doctor` and -v say so).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Start from a snapshot (a name from `vmrun snapshot ls`, or a directory) instead of
     /// booting: restored in milliseconds with the snapshot's own options. (For `snapshot
     /// create`: the running VM to snapshot.)
@@ -132,6 +135,7 @@ impl VmArgs {
             boot_protocol: self.boot_protocol,
             vsock: None,
             console_log: self.console_log.clone(),
+            no_seccomp: self.no_seccomp,
         })
     }
 }
@@ -221,6 +225,7 @@ mod tests {
                     uds_path: "/run/v.sock".into(),
                 }),
                 console_log: Some("/tmp/console.log".into()),
+                no_seccomp: true,
                 ..Default::default()
             },
             VmOptions {

@@ -167,7 +167,27 @@ pub fn boot(a: &BootArgs) -> ExitCode {
             Err(e) => return launcher_error(format!("console log {}: {e}", p.display())),
         },
     };
-    let cfg = resolved.into_config(&opts, console);
+    let mut cfg = resolved.into_config(&opts, console);
+    let filters = if opts.no_seccomp {
+        eprintln!(
+            "vmrun: warning: seccomp is off (--no-seccomp): the VMM's threads are not filtered"
+        );
+        None
+    } else {
+        match vmrun::seccomp::Filters::build() {
+            Ok(f) => Some(f),
+            Err(e) => return launcher_error(e),
+        }
+    };
+    log::info!(
+        "seccomp: {}",
+        if filters.is_some() {
+            "on (allow-lists per thread: vCPU, event loop, control, main)"
+        } else {
+            "off"
+        }
+    );
+    cfg.seccomp = filters.clone();
     let started = match &a.restore {
         None => Vmm::start(cfg),
         Some(dir) => match (Instant::now(), Snapshot::load(dir)) {
@@ -193,7 +213,7 @@ pub fn boot(a: &BootArgs) -> ExitCode {
     // A VM the library started (it has a runtime directory) takes control requests.
     let control = std::env::var_os(VM_DIR_ENV).and_then(|d| {
         let path = vmrun::runtime::VmPaths::from_dir(d.into()).control();
-        match control::Server::bind(&path) {
+        match control::Server::bind(&path, filters.clone()) {
             Ok(server) => Some(Control { server, opts }),
             Err(e) => {
                 log::warn!("no control socket at {}: {e}", path.display());
@@ -201,6 +221,12 @@ pub fn boot(a: &BootArgs) -> ExitCode {
             }
         }
     });
+    // The main thread from here on: waiting, control requests, the end.
+    if let Some(f) = &filters {
+        if let Err(e) = vmrun::seccomp::apply("main", &f.main) {
+            return launcher_error(e);
+        }
+    }
     run_with(
         vmm,
         (a.timeout > 0).then(|| Duration::from_secs(a.timeout)),
@@ -235,11 +261,23 @@ pub fn test_guest(
         }),
         probes: true,
         hide_pv_hypercalls: false,
+        seccomp: None,
+    };
+    let filters = match vmrun::seccomp::Filters::build() {
+        Ok(f) => f,
+        Err(e) => return launcher_error(e),
+    };
+    let cfg = VmConfig {
+        seccomp: Some(filters.clone()),
+        ..cfg
     };
     let vmm = match Vmm::start(cfg) {
         Ok(v) => v,
         Err(e) => return launcher_error(e),
     };
+    if let Err(e) = vmrun::seccomp::apply("main", &filters.main) {
+        return launcher_error(e);
+    }
     if timing {
         // The bench compares this CLOCK_MONOTONIC time with its own from before the spawn.
         let t = Instant::now();

@@ -15,6 +15,18 @@ pub struct Report {
     pub root: bool,
     pub overlayfs: bool,
     pub loop_devices: bool,
+    /// Whether the VMM's seccomp filters build and install here (tried on a throwaway thread).
+    pub seccomp: Result<usize, String>,
+}
+
+/// Builds the VMM's filters and installs the strictest on a thread of its own.
+fn try_seccomp() -> Result<usize, String> {
+    let f = vmrun::seccomp::Filters::build().map_err(|e| e.to_string())?;
+    let len = f.vcpu.len();
+    std::thread::spawn(move || vmrun::seccomp::apply("vCPU", &f.vcpu).map_err(|e| e.to_string()))
+        .join()
+        .map_err(|_| "the probe thread panicked".to_string())??;
+    Ok(len)
 }
 
 impl Report {
@@ -37,6 +49,7 @@ impl Report {
                 .lines()
                 .any(|l| l.trim_end().ends_with("overlay")),
             loop_devices: std::path::Path::new("/dev/loop-control").exists(),
+            seccomp: try_seccomp(),
         }
     }
 
@@ -91,6 +104,17 @@ impl Report {
                 let _ = writeln!(o, "--  guest ring-0 probe failed: {e}");
             }
             None => o.push_str("--  guest ring-0 probe: skipped (no KVM)\n"),
+        }
+        match &self.seccomp {
+            Ok(n) => {
+                let _ = writeln!(
+                    o,
+                    "ok  seccomp: on; every VMM thread installs its allow-list (vCPU: {n} BPF instructions; event loop, control, main), a call outside it stops the VMM with the thread and call named; --no-seccomp turns it off"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(o, "--  seccomp: {e}; VMs need --no-seccomp here");
+            }
         }
         o.push_str("images (");
         o.push_str(&images::cache_dir().display().to_string());

@@ -208,6 +208,19 @@ pub fn spin(iterations: u32, mode: CpuMode) -> TestGuest {
     TestGuest { code, mode }
 }
 
+/// Sends [`crate::devices::legacy::probe::FORBIDDEN_CALL`] to the probe port: the vCPU thread
+/// then makes a system call its seccomp filter forbids.
+pub fn forbidden_call() -> TestGuest {
+    user(
+        Asm::default()
+            .mov_dx(PROBE_PORT)
+            .raw(&[0xb8])
+            .raw(&crate::devices::legacy::probe::FORBIDDEN_CALL.to_le_bytes())
+            .out_eax()
+            .report(Status::Exited(0)),
+    )
+}
+
 /// Where [`counter`] keeps its count: guest memory well away from the program.
 pub const COUNTER_ADDR: u32 = 0x20_0000;
 
@@ -255,6 +268,7 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
         "garbage" => garbage(),
         "park" => park(),
         "counter" => counter(1 << 20),
+        "forbidden-call" => forbidden_call(),
         "ring0-fwait" => ring0_fwait(),
         _ => {
             let code = name.strip_prefix("status-")?.parse().ok()?;

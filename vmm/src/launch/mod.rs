@@ -65,6 +65,8 @@ pub struct VmOptions {
     pub vsock: Option<VsockConfig>,
     /// Keep the guest console in this file.
     pub console_log: Option<PathBuf>,
+    /// Run the VMM's threads without their seccomp filters (debugging only).
+    pub no_seccomp: bool,
 }
 
 impl Default for VmOptions {
@@ -83,6 +85,7 @@ impl Default for VmOptions {
             boot_protocol: BootProtocol::Auto,
             vsock: None,
             console_log: None,
+            no_seccomp: false,
         }
     }
 }
@@ -216,6 +219,7 @@ impl Resolved {
             vsock: opts.vsock.clone(),
             probes: false,
             hide_pv_hypercalls: self.pvm,
+            seccomp: None,
         }
     }
 }
@@ -300,6 +304,9 @@ impl VmOptions {
         }
         if let Some(l) = &self.console_log {
             flag("console-log", l.into());
+        }
+        if self.no_seccomp {
+            a.push("--no-seccomp".into());
         }
         a
     }

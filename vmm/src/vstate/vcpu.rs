@@ -141,6 +141,8 @@ pub struct Vcpu {
     pause: Arc<PauseGate>,
     /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN (0 until then), shared by its vCPUs.
     first_run: Arc<AtomicU64>,
+    /// Installed by the vCPU thread on itself before its first KVM_RUN.
+    seccomp: Option<Arc<crate::seccomp::Filters>>,
 }
 
 fn setup_err(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -177,7 +179,13 @@ impl Vcpu {
             exit,
             pause,
             first_run,
+            seccomp: None,
         })
+    }
+
+    /// The filters this vCPU's thread will install on itself.
+    pub fn set_seccomp(&mut self, f: Option<Arc<crate::seccomp::Filters>>) {
+        self.seccomp = f;
     }
 
     /// Puts a snapshot's state into this new vCPU instead of [`Vcpu::configure`].
@@ -287,11 +295,22 @@ impl Vcpu {
     }
 
     /// Starts the run loop on its own thread.
-    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn spawn(mut self) -> Result<JoinHandle<()>, VcpuError> {
         install_kick_handler();
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run_loop())
+            .spawn(move || {
+                if let Some(f) = self.seccomp.take() {
+                    if let Err(e) = crate::seccomp::apply("vCPU", &f.vcpu) {
+                        self.exit.request(ExitReason::VcpuError {
+                            cpu: self.index,
+                            message: e.to_string(),
+                        });
+                        return;
+                    }
+                }
+                self.run_loop()
+            })
             .map_err(VcpuError::Thread)
     }
 

@@ -25,6 +25,10 @@ impl ProbePort {
     }
 }
 
+/// Written to a probe by a test program, makes the vCPU thread call `uname`, which its seccomp
+/// filter forbids (the probes exist only for test programs, never for a Linux guest).
+pub const FORBIDDEN_CALL: u32 = 0x5ecc_0bad;
+
 impl BusDevice for ProbePort {
     /// Reads answer with the number of samples so far, so a guest can check a round trip.
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
@@ -40,6 +44,14 @@ impl BusDevice for ProbePort {
         let mut v = [0u8; 4];
         let n = data.len().min(4);
         v[..n].copy_from_slice(&data[..n]);
+        if u32::from_le_bytes(v) == FORBIDDEN_CALL {
+            // What a compromised device model would do: a system call no vCPU thread makes.
+            // SAFETY: uname writes into the struct we own.
+            unsafe {
+                let mut u: libc::utsname = std::mem::zeroed();
+                libc::uname(&mut u);
+            }
+        }
         let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         if s.len() < PROBE_MAX {
             s.push((now, u32::from_le_bytes(v)));
