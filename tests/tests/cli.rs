@@ -206,13 +206,22 @@ fn snapshot_commands() {
         return;
     }
     let store = tempfile::tempdir().unwrap();
-    let cmd = |args: &[&str], what: &str| {
+    let cmd_within = |args: &[&str], what: &str, hw_secs: u64| {
         let mut c = vmrun();
         c.env("VMRUN_SNAPSHOT_DIR", store.path()).args(args);
-        run(c, b"", &Budget::new(what.to_string(), 60, 300))
+        run(c, b"", &Budget::new(what.to_string(), hw_secs, 300))
     };
+    let cmd = |args: &[&str], what: &str| cmd_within(args, what, 60);
     let (code, out, err) = cmd(
-        &["snapshot", "create", "base", "--overlay", "tmpfs"],
+        &[
+            "snapshot",
+            "create",
+            "base",
+            "--overlay",
+            "tmpfs",
+            "--memory",
+            "256",
+        ],
         "vmrun snapshot create",
     );
     assert_eq!(code, 0, "{err}");
@@ -231,9 +240,12 @@ fn snapshot_commands() {
         "exec in a fork",
     );
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = cmd(
+    // A snapshot reads all of guest memory; where the host's own CPU is emulated (the
+    // hardware tier runs in QEMU TCG) that alone takes most of a minute.
+    let (code, _, err) = cmd_within(
         &["snapshot", "create", "marked", "--from", "fork-1"],
         "vmrun snapshot create --from VM",
+        120,
     );
     assert_eq!(code, 0, "{err}");
     let (code, out, _) = cmd(&["exec", "fork-1", "--", "cat", "/mark"], "the VM runs on");

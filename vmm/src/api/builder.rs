@@ -33,6 +33,22 @@ pub const VM_DIR_ENV: &str = "VMRUN_VM_DIR";
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// ... and this long where guest ring 0 is emulated.
 const EMULATED_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// ... and this long where ring 0 runs natively but the whole machine is slow: a host whose
+/// own CPU is emulated (a nested test tier under QEMU TCG) or heavily shared.
+const SLOW_HOST_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// A ring-0 loop iteration slower than this (hardware: well under 1 ns) marks a slow host.
+const SLOW_RING0_NS: f64 = 10.0;
+
+/// How long `start` waits for the agent unless told: from the kind of host.
+fn default_boot_timeout(pvm: bool) -> Duration {
+    if pvm {
+        return EMULATED_BOOT_TIMEOUT;
+    }
+    match crate::host::compat::probe_cached() {
+        Ok(p) if p.ring0_ns_per_iter > SLOW_RING0_NS => SLOW_HOST_BOOT_TIMEOUT,
+        _ => DEFAULT_BOOT_TIMEOUT,
+    }
+}
 
 /// A step of a VM's start that the host can see, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -158,7 +174,8 @@ impl VmBuilder {
         self.opts.console_log = Some(path.into());
         self
     }
-    /// How long `start` waits for the agent (default 60 s, 600 s where ring 0 is emulated).
+    /// How long `start` waits for the agent (default 60 s; 600 s where ring 0 is emulated, 300 s
+    /// on a host whose ring 0 is native but slow, such as one whose own CPU is emulated).
     pub fn boot_timeout(mut self, t: Duration) -> Self {
         self.boot_timeout = Some(t);
         self
@@ -267,11 +284,9 @@ impl VmBuilder {
             resolved.memory_mib,
             opts.vcpus,
         );
-        let timeout = self.boot_timeout.unwrap_or(if resolved.pvm {
-            EMULATED_BOOT_TIMEOUT
-        } else {
-            DEFAULT_BOOT_TIMEOUT
-        });
+        let timeout = self
+            .boot_timeout
+            .unwrap_or_else(|| default_boot_timeout(resolved.pvm));
         let child = spawn_vmm(
             &bin,
             &opts.pinned(&resolved),
