@@ -660,7 +660,7 @@ impl Vmm {
         let bytes = memory::dump(&self.mem, &file)?;
         file.sync_all()
             .map_err(|source| SnapshotError::Io { path, source })?;
-        Snapshot::write_state(dir, &info, machine)?;
+        Snapshot::write_state(dir, &info, &machine)?;
         Ok(bytes)
     }
 

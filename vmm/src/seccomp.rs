@@ -333,13 +333,6 @@ fn install_reporter() {
     });
 }
 
-/// Whether this kernel has seccomp filters (`Seccomp_filters:` in /proc/self/status).
-pub fn kernel_supports() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.contains("Seccomp_filters:") || s.contains("Seccomp:"))
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,10 +164,17 @@ pub struct MachineState {
     pub transports: Vec<TransportState>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Body {
     info: SnapshotInfo,
     machine: MachineState,
+}
+
+/// What [`Body`] decodes from, written without copying the state.
+#[derive(Serialize)]
+struct BodyRef<'a> {
+    info: &'a SnapshotInfo,
+    machine: &'a MachineState,
 }
 
 /// A snapshot read back and checked.
@@ -213,26 +220,21 @@ impl Snapshot {
     pub fn write_state(
         dir: &Path,
         info: &SnapshotInfo,
-        machine: MachineState,
-    ) -> Result<MachineState, SnapshotError> {
+        machine: &MachineState,
+    ) -> Result<(), SnapshotError> {
         let path = dir.join(STATE_FILE);
-        let body = Body {
-            info: info.clone(),
-            machine,
-        };
-        let bytes = encode(&body).map_err(|reason| SnapshotError::Decode {
+        let bytes = encode(&BodyRef { info, machine }).map_err(|reason| SnapshotError::Decode {
             path: path.clone(),
             reason,
         })?;
         let mut f = File::create(&path).map_err(io(&path))?;
         f.write_all(&bytes).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))?;
-        Ok(body.machine)
+        f.sync_all().map_err(io(&path))
     }
 }
 
 /// The whole state file for `body`.
-fn encode(body: &Body) -> Result<Vec<u8>, String> {
+fn encode(body: &BodyRef) -> Result<Vec<u8>, String> {
     let payload = postcard::to_stdvec(body).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(PREFIX + payload.len() + DIGEST);
     out.extend_from_slice(&MAGIC);
@@ -385,7 +387,7 @@ mod tests {
     }
 
     fn write(dir: &Path, vcpus: usize) -> Vec<u8> {
-        Snapshot::write_state(dir, &info(vcpus as u8), tests_support::machine(vcpus)).unwrap();
+        Snapshot::write_state(dir, &info(vcpus as u8), &tests_support::machine(vcpus)).unwrap();
         std::fs::read(dir.join(STATE_FILE)).unwrap()
     }
 
@@ -429,7 +431,7 @@ mod tests {
     #[test]
     fn a_body_that_contradicts_itself_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        Snapshot::write_state(d.path(), &info(3), tests_support::machine(1)).unwrap();
+        Snapshot::write_state(d.path(), &info(3), &tests_support::machine(1)).unwrap();
         let e = Snapshot::load(d.path()).err().unwrap().to_string();
         assert!(e.contains("1 saved vCPUs for a VM of 3"), "{e}");
     }

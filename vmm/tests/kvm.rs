@@ -2,6 +2,8 @@
 //! ring 0 is emulated). Without a usable /dev/kvm each test prints why and is skipped, unless
 //! VMRUN_REQUIRE_KVM=1 (CI), where that is a failure.
 
+mod common;
+use common::kvm_or_skip;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,20 +17,6 @@ use vmrun::vstate::ExitReason;
 use vmrun_protocol::status::Status;
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(30));
-
-fn kvm_or_skip(test: &str) -> bool {
-    match vmrun::vstate::vm::open_kvm().and_then(|k| vmrun::vstate::vm::create_vm(&k)) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("VMRUN_REQUIRE_KVM").is_none(),
-                "{test}: KVM required but unusable: {e}"
-            );
-            eprintln!("SKIPPED {test}: no usable KVM here ({e})");
-            false
-        }
-    }
-}
 
 fn start(g: TestGuest, vcpus: u8) -> Vmm {
     Vmm::start(VmConfig {

@@ -3,6 +3,8 @@
 //! independently of each other. Without a usable /dev/kvm each test prints why and is
 //! skipped, unless VMRUN_REQUIRE_KVM=1 (CI), where that is a failure.
 
+mod common;
+use common::kvm_or_skip;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -13,20 +15,6 @@ use vmrun::host::testguest::{self, TestGuest};
 use vmrun::snapshot::{Snapshot, SnapshotInfo, MEMORY_FILE, STATE_FILE};
 
 const MEM_MIB: u64 = 32;
-
-fn kvm_or_skip(test: &str) -> bool {
-    match vmrun::vstate::vm::open_kvm().and_then(|k| vmrun::vstate::vm::create_vm(&k)) {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("VMRUN_REQUIRE_KVM").is_none(),
-                "{test}: KVM required but unusable: {e}"
-            );
-            eprintln!("SKIPPED {test}: no usable KVM here ({e})");
-            false
-        }
-    }
-}
 
 fn config(g: &TestGuest) -> VmConfig {
     VmConfig {

@@ -122,18 +122,23 @@ pub fn list() -> Vec<(String, Result<SnapshotInfo, SnapshotError>, u64)> {
             continue;
         }
         let name = e.file_name().to_string_lossy().into_owned();
-        let disk: u64 = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|f| f.metadata().ok())
-                    .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-                    .sum()
-            })
-            .unwrap_or(0);
+        let disk = disk_bytes(&dir);
         out.push((name, Snapshot::load(&dir).map(|s| s.info), disk));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Bytes a snapshot directory takes on disk (its memory file is sparse).
+pub fn disk_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Removes snapshot `name`.
@@ -203,12 +208,6 @@ pub fn restore_options(
             path: snap.dir.join(STATE_FILE),
             reason: format!("its VM options: {e}"),
         })?;
-    let named =
-        |flag: &'static str, given: Option<&PathBuf>, taken: Option<&PathBuf>| match (given, taken)
-        {
-            (Some(g), Some(t)) if g != t => Err((flag, g.clone(), t.clone())),
-            _ => Ok(()),
-        };
     let asked_root = match &asked.rootfs {
         Rootfs::Path(p) => Some(p),
         _ => None,
@@ -217,26 +216,38 @@ pub fn restore_options(
         Rootfs::Path(p) => Some(p),
         _ => None,
     };
-    for (flag, given, taken) in [
-        ("kernel", asked.kernel.as_ref(), opts.kernel.as_ref()),
-        ("initrd", asked.initrd.as_ref(), opts.initrd.as_ref()),
-        ("rootfs", asked_root, taken_root),
+    for (flag, role, given, taken) in [
+        (
+            "kernel",
+            "kernel",
+            asked.kernel.as_ref(),
+            opts.kernel.as_ref(),
+        ),
+        (
+            "initrd",
+            "initramfs",
+            asked.initrd.as_ref(),
+            opts.initrd.as_ref(),
+        ),
+        ("rootfs", "rootfs", asked_root, taken_root),
     ] {
-        if let Err((flag, given, taken)) = named(flag, given, taken) {
-            // Another path is fine when it holds the same image.
-            let role = match flag {
-                "initrd" => "initramfs",
-                f => f,
-            };
-            let same = snap
+        let (Some(given), Some(taken)) = (given, taken) else {
+            continue;
+        };
+        // Another path is fine when it holds the same image.
+        let same = given == taken
+            || snap
                 .info
                 .images
                 .iter()
                 .find(|i| i.role == role)
-                .is_some_and(|i| i.check(&given).is_ok());
-            if !same {
-                return Err(SnapshotUseError::OtherImage { flag, given, taken });
-            }
+                .is_some_and(|i| i.check(given).is_ok());
+        if !same {
+            return Err(SnapshotUseError::OtherImage {
+                flag,
+                given: given.clone(),
+                taken: taken.clone(),
+            });
         }
     }
     for image in &snap.info.images {

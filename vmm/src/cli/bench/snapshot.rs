@@ -3,7 +3,6 @@
 //! own restore time, and the memory of 10 idle forks against 10 cold-booted VMs. Measured
 //! where guest ring 0 runs at speed, or with `--guest` (then labelled as emulator figures).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,18 +32,6 @@ fn vmm_restore_ms(log: &Path) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(RESTORE_TIMING))
         .and_then(|v| v.trim_end_matches(" ms").parse().ok())
-}
-
-fn disk_mib(dir: &Path) -> f64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum::<u64>()
-        })
-        .unwrap_or(0) as f64
-        / (1 << 20) as f64
 }
 
 pub fn rows(scale: Scale, at_speed: bool, forced: bool) -> Vec<Row> {
@@ -132,7 +119,7 @@ fn measure(scale: Scale) -> Result<Measured, String> {
         .map_err(|e| format!("snapshot: {e}"))?;
     let create_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(vm);
-    let size_mib = disk_mib(&snap);
+    let size_mib = vmrun::launch::snapshot::disk_bytes(&snap) as f64 / (1 << 20) as f64;
 
     let (mut ready_ms, mut first_ms, mut host_ms) = (Vec::new(), Vec::new(), Vec::new());
     let mut forks = Vec::new();
