@@ -459,6 +459,15 @@ fn symlinks_never_lead_out_of_the_root() {
     }
 }
 
+/// The kind of the ERROR frame the agent answers with on `s`; `None` for anything else.
+fn error_kind(s: &mut UnixStream) -> Option<ErrorKind> {
+    let mut buf = Vec::new();
+    match read_frame(s, &mut buf) {
+        Ok(Some(kind::ERROR)) => Some(vmrun_protocol::agent::ErrorInfo::decode(&buf).unwrap().kind),
+        _ => None,
+    }
+}
+
 /// Raw protocol: a client that misbehaves gets an error and a closed connection, and the
 /// agent keeps serving others.
 #[test]
@@ -468,15 +477,6 @@ fn bad_frames_and_disconnects() {
     with_agent(&img, None, |c, _| {
         let Endpoint::Unix(sock) = c.endpoint().clone() else {
             unreachable!()
-        };
-        let error_kind = |s: &mut UnixStream| {
-            let mut buf = Vec::new();
-            match read_frame(s, &mut buf) {
-                Ok(Some(kind::ERROR)) => {
-                    Some(vmrun_protocol::agent::ErrorInfo::decode(&buf).unwrap().kind)
-                }
-                _ => None,
-            }
         };
         // Wrong version.
         let mut s = UnixStream::connect(&sock).unwrap();
@@ -540,6 +540,122 @@ fn bad_frames_and_disconnects() {
             c.exec(exec(&["true"]), None).unwrap().status,
             ExitStatus::Exited(0)
         );
+    });
+}
+
+/// Issue 20's hostile peer: requests before the handshake, counts that lie, non-UTF-8 and
+/// escaping paths, hundreds of idle and half-open connections, signal and resize floods and a
+/// 50 MB stdout. Each is refused or served as it should be, and the agent serves on.
+#[test]
+fn hostile_peers_and_floods_are_refused_and_service_continues() {
+    let name = "hostile_peers_and_floods_are_refused_and_service_continues";
+    let Some(img) = rootfs(name) else { return };
+    with_agent(&img, None, |c, root| {
+        let Endpoint::Unix(sock) = c.endpoint().clone() else {
+            unreachable!()
+        };
+        let greeted = || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            write_frame(&mut s, kind::HELLO, &1u32.to_le_bytes()).unwrap();
+            let mut buf = Vec::new();
+            assert_eq!(read_frame(&mut s, &mut buf).unwrap(), Some(kind::HELLO_OK));
+            s
+        };
+        let still_serving = |what: &str| {
+            let out = c.exec(exec(&["echo", "alive"]), None).unwrap();
+            assert_eq!(out.stdout, b"alive\n", "after {what}");
+        };
+
+        // A request before the handshake.
+        let mut s = UnixStream::connect(&sock).unwrap();
+        write_frame(&mut s, kind::REQUEST, &[3, 1, 0, 0, 0, b'/']).unwrap();
+        assert_eq!(error_kind(&mut s), Some(ErrorKind::Protocol));
+        still_serving("a request before the handshake");
+
+        // Counts that lie: an argv of 4 G strings, an env of 4 G pairs, a path of 4 GiB.
+        for body in [
+            vec![0u8, 0xff, 0xff, 0xff, 0xff],
+            vec![0u8, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+            vec![3u8, 0xff, 0xff, 0xff, 0xff, b'/'],
+        ] {
+            let mut s = greeted();
+            write_frame(&mut s, kind::REQUEST, &body).unwrap();
+            assert_eq!(error_kind(&mut s), Some(ErrorKind::Protocol), "{body:?}");
+        }
+        still_serving("lying counts");
+
+        // A path that is not UTF-8.
+        let mut s = greeted();
+        write_frame(&mut s, kind::REQUEST, &[3, 3, 0, 0, 0, b'/', 0xff, 0xfe]).unwrap();
+        assert_eq!(error_kind(&mut s), Some(ErrorKind::Protocol));
+        still_serving("a non-UTF-8 path");
+
+        // Traversal: a path with `..` is refused, and nothing lands anywhere.
+        let e = c
+            .upload(
+                "/../../../../tmp/vmrun-escape-probe",
+                0o644,
+                false,
+                false,
+                &b"x"[..],
+            )
+            .unwrap_err();
+        let info = e.remote().expect("a refusal from the agent");
+        assert_eq!(info.kind, ErrorKind::InvalidInput, "{info:?}");
+        assert!(info.message.contains(".."), "{info:?}");
+        assert!(
+            !Path::new("/tmp/vmrun-escape-probe").exists(),
+            "escaped the root"
+        );
+        assert!(!root.join("tmp/vmrun-escape-probe").exists());
+        still_serving("a traversal");
+
+        // 200 idle connections and 200 half-open ones (greeted, then silent), all held open.
+        let mut held: Vec<UnixStream> = (0..200)
+            .map(|_| UnixStream::connect(&sock).unwrap())
+            .collect();
+        held.extend((0..200).map(|_| greeted()));
+        still_serving("400 connections held open");
+        drop(held);
+
+        // Signal and resize floods at a running command on a terminal.
+        let mut p = c
+            .spawn(Exec {
+                pty: Some((24, 80)),
+                stdin: true,
+                ..sh("trap '' USR1; echo ready; read line; stty size")
+            })
+            .unwrap();
+        // The flood starts once the shell ignores the signal.
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("ready") {
+            match p.next_event().unwrap() {
+                Some(Event::Stdout(d)) => seen.extend(d),
+                other => panic!("before the shell was ready: {other:?}"),
+            }
+        }
+        for i in 0..2000u16 {
+            p.signal(libc::SIGUSR1).unwrap();
+            p.resize(10 + i % 50, 20 + i % 100).unwrap();
+        }
+        p.resize(33, 77).unwrap();
+        p.write_stdin(b"go\n").unwrap();
+        let out = p.wait_output(1 << 20).unwrap();
+        assert_eq!(out.status, ExitStatus::Exited(0));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("33 77"),
+            "{:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+
+        // 50 MB on stdout arrives whole.
+        let big = 50_000_000usize;
+        let out = c
+            .exec(sh(&format!("head -c {big} /dev/zero")), None)
+            .unwrap();
+        assert_eq!(out.status, ExitStatus::Exited(0));
+        assert_eq!(out.stdout.len(), big);
+        still_serving("the floods");
     });
 }
 

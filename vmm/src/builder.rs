@@ -170,6 +170,9 @@ pub struct Vmm {
     // The VM fd and the memory KVM maps, kept alive for the vCPU threads.
     vm: VmFd,
     mem: GuestMemoryMmap,
+    /// The snapshot memory file a restored VM's RAM is mapped from: a later snapshot copies
+    /// the pages the guest never wrote from it instead of reading them.
+    mem_source: Option<std::fs::File>,
     _stats: Vec<std::fs::File>,
 }
 
@@ -230,15 +233,15 @@ impl Vmm {
                 })?,
         );
         let vm = vm::create_vm(&kvm)?;
-        let mem = match from {
-            None => memory::create(mem_size)?,
+        let (mem, mem_source) = match from {
+            None => (memory::create(mem_size)?, None),
             Some(s) => {
                 let path = s.memory_path();
                 let file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
                     path: path.clone(),
                     source,
                 })?;
-                memory::map_file(mem_size, &file)?
+                (memory::map_file(mem_size, &file)?, Some(file))
             }
         };
         memory::register(&vm, &mem)?;
@@ -332,6 +335,7 @@ impl Vmm {
             started,
             vm,
             mem,
+            mem_source,
             _stats: stats,
         };
         vmm.event_thread = Some(vmm.spawn_events(events).map_err(StartError::EventThread)?);
@@ -657,7 +661,7 @@ impl Vmm {
             path: path.clone(),
             source,
         })?;
-        let bytes = memory::dump(&self.mem, &file)?;
+        let bytes = memory::dump(&self.mem, &file, self.mem_source.as_ref())?;
         file.sync_all()
             .map_err(|source| SnapshotError::Io { path, source })?;
         Snapshot::write_state(dir, &info, &machine)?;

@@ -58,9 +58,14 @@ impl Outcome {
                     "guest reset without reporting a status".into()
                 }
             },
-            Some(ExitReason::TripleFault { cpu }) => {
-                format!("guest crashed: vCPU {cpu} triple-faulted")
-            }
+            Some(ExitReason::TripleFault {
+                cpu,
+                ran_ms,
+                exits,
+                last,
+            }) => format!(
+                "guest crashed: vCPU {cpu} triple-faulted {ran_ms} ms after it first ran, after {exits} exits to the VMM (the last: {last})"
+            ),
             Some(ExitReason::InternalError {
                 cpu,
                 suberror,

@@ -15,8 +15,17 @@ pub enum ExitReason {
     BadStatus { kind: u8, code: u8 },
     /// The guest reset the machine (i8042) without reporting a status.
     Reset,
-    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault { cpu: u8 },
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN). What it did before is all there is to go
+    /// on: KVM resets a vCPU that shuts down (on AMD its state is undefined by then).
+    TripleFault {
+        cpu: u8,
+        /// Milliseconds since this vCPU first entered the guest.
+        ran_ms: u64,
+        /// Exits to the VMM before the fault.
+        exits: u64,
+        /// The last of them, described.
+        last: String,
+    },
     /// KVM could not run or emulate guest code.
     InternalError {
         cpu: u8,

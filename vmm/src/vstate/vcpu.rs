@@ -143,6 +143,38 @@ pub struct Vcpu {
     first_run: Arc<AtomicU64>,
     /// Installed by the vCPU thread on itself before its first KVM_RUN.
     seccomp: Option<Arc<crate::seccomp::Filters>>,
+    /// Exits handled, and the last one: what a triple fault report can say of the past.
+    exits: u64,
+    last_exit: LastExit,
+    started: Option<std::time::Instant>,
+}
+
+/// The last exit a vCPU handled, kept for a crash report.
+#[derive(Clone, Copy, Debug, Default)]
+enum LastExit {
+    #[default]
+    None,
+    Pio {
+        port: u16,
+        write: bool,
+    },
+    Mmio {
+        addr: u64,
+        write: bool,
+    },
+    Interrupted,
+}
+
+impl std::fmt::Display for LastExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rw = |w: bool| if w { "write" } else { "read" };
+        match *self {
+            LastExit::None => write!(f, "none"),
+            LastExit::Pio { port, write } => write!(f, "port {} at {port:#x}", rw(write)),
+            LastExit::Mmio { addr, write } => write!(f, "MMIO {} at {addr:#x}", rw(write)),
+            LastExit::Interrupted => write!(f, "an interruption by the VMM"),
+        }
+    }
 }
 
 fn setup_err(cpu: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -180,6 +212,9 @@ impl Vcpu {
             pause,
             first_run,
             seccomp: None,
+            exits: 0,
+            last_exit: LastExit::None,
+            started: None,
         })
     }
 
@@ -332,20 +367,27 @@ impl Vcpu {
     /// One KVM_RUN; `Some` ends the VM.
     fn run_once(&mut self) -> Option<ExitReason> {
         let cpu = self.index;
-        match self.fd.run() {
+        let started = *self.started.get_or_insert_with(std::time::Instant::now);
+        let exit = self.fd.run();
+        self.exits += 1;
+        match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
+                self.last_exit = LastExit::Pio { port, write: true };
                 self.buses.pio.write(u64::from(port), data);
                 None
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                self.last_exit = LastExit::Pio { port, write: false };
                 self.buses.pio.read(u64::from(port), data);
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.last_exit = LastExit::Mmio { addr, write: false };
                 self.buses.mmio.read(addr, data);
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.last_exit = LastExit::Mmio { addr, write: true };
                 self.buses.mmio.write(addr, data);
                 None
             }
@@ -353,7 +395,12 @@ impl Vcpu {
                 cpu,
                 message: "halted with the in-kernel IRQ chip off".into(),
             }),
-            Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { cpu }),
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault {
+                cpu,
+                ran_ms: started.elapsed().as_millis() as u64,
+                exits: self.exits - 1,
+                last: self.last_exit.to_string(),
+            }),
             Ok(VcpuExit::FailEntry(reason, _)) => Some(ExitReason::FailEntry { cpu, reason }),
             Ok(VcpuExit::InternalError) => Some(self.internal_error()),
             // Shutdown, crash and any other kind end the VM with the kind named.
@@ -361,12 +408,18 @@ impl Vcpu {
                 KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
                 _ => ExitReason::SystemEvent { cpu, kind },
             }),
-            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                self.last_exit = LastExit::Interrupted;
+                None
+            }
             Ok(other) => Some(ExitReason::VcpuError {
                 cpu,
                 message: format!("unexpected exit {other:?}"),
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.last_exit = LastExit::Interrupted;
+                None
+            }
             Err(e) => Some(ExitReason::VcpuError {
                 cpu,
                 message: format!("KVM_RUN failed: {e}"),

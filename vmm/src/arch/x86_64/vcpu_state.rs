@@ -90,6 +90,11 @@ pub fn save(
 ) -> Result<VcpuState, StateError> {
     // MP state first: reading it makes KVM process pending APIC events.
     let mp_state = fd.get_mp_state().map_err(ioctl(cpu, "KVM_GET_MP_STATE"))?;
+    // Events before the registers: without KVM_CAP_EXCEPTION_PAYLOAD, reading them delivers a
+    // queued exception's payload (CR2 of a #PF, DR6 of a #DB) into the registers read next.
+    let events = fd
+        .get_vcpu_events()
+        .map_err(ioctl(cpu, "KVM_GET_VCPU_EVENTS"))?;
     let regs = fd.get_regs().map_err(ioctl(cpu, "KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(ioctl(cpu, "KVM_GET_SREGS"))?;
     let xsave = fd.get_xsave().map_err(ioctl(cpu, "KVM_GET_XSAVE"))?;
@@ -103,9 +108,6 @@ pub fn save(
         .map_err(ioctl(cpu, "KVM_GET_DEBUGREGS"))?;
     let lapic = fd.get_lapic().map_err(ioctl(cpu, "KVM_GET_LAPIC"))?;
     let msrs = read_msrs(fd, cpu, msr_list)?;
-    let events = fd
-        .get_vcpu_events()
-        .map_err(ioctl(cpu, "KVM_GET_VCPU_EVENTS"))?;
     let cpuid = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl(cpu, "KVM_GET_CPUID2"))?
