@@ -648,6 +648,15 @@ fn hostile_peers_and_floods_are_refused_and_service_continues() {
             String::from_utf8_lossy(&out.stdout)
         );
 
+        // Input for a command started without stdin is refused, not silently dropped.
+        let p = c.spawn(sh("sleep 30")).unwrap();
+        assert!(matches!(
+            p.write_stdin(b"lost"),
+            Err(vmrun::api::agent::AgentError::NoStdin)
+        ));
+        p.signal(libc::SIGKILL).unwrap();
+        drop(p);
+
         // 50 MB on stdout arrives whole.
         let big = 50_000_000usize;
         let out = c

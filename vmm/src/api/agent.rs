@@ -28,6 +28,9 @@ pub enum AgentError {
     Remote(ErrorInfo),
     #[error("command output over {0} bytes; use the streaming exec")]
     OutputTooLarge(usize),
+    /// Input for a command started without stdin, which would never read it.
+    #[error("the command was started without stdin: set `stdin: true` in its Exec to write to it")]
+    NoStdin,
     #[error("local {what}: {source}")]
     Local {
         what: &'static str,
@@ -205,6 +208,9 @@ impl Process {
 #[derive(Clone)]
 pub struct ProcessInput {
     writer: Arc<Mutex<UnixStream>>,
+    /// Whether the command was started with stdin (`Exec::stdin`); the agent drops input
+    /// otherwise, so sending it is refused here instead of lost.
+    stdin: bool,
 }
 
 impl ProcessInput {
@@ -215,6 +221,9 @@ impl ProcessInput {
 
     /// Sends bytes to the command's stdin, all of it before any other input.
     pub fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
+        if !self.stdin {
+            return Err(AgentError::NoStdin);
+        }
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         for c in data.chunks(CHUNK) {
             write_frame(&mut *w, kind::DATA, c).map_err(|e| AgentError::Protocol(e.into()))?;
@@ -224,6 +233,9 @@ impl ProcessInput {
 
     /// Closes the command's stdin.
     pub fn close_stdin(&self) -> Result<(), AgentError> {
+        if !self.stdin {
+            return Err(AgentError::NoStdin);
+        }
         self.send(kind::EOF, &[])
     }
 
@@ -285,6 +297,7 @@ impl AgentClient {
 
     /// Starts a command and returns it running.
     pub fn spawn(&self, x: Exec) -> Result<Process, AgentError> {
+        let stdin = x.stdin;
         let (mut s, mut buf) = self.open(&Request::Exec(x))?;
         let k = read_frame(&mut s, &mut buf)?;
         expect(k, kind::STARTED, "STARTED", &buf)?;
@@ -300,6 +313,7 @@ impl AgentClient {
             reader: s,
             input: ProcessInput {
                 writer: Arc::new(Mutex::new(writer)),
+                stdin,
             },
             buf,
             done: false,
