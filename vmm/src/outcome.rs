@@ -64,7 +64,7 @@ impl Outcome {
                 exits,
                 last,
             }) => format!(
-                "guest crashed: vCPU {cpu} triple-faulted {ran_ms} ms after it first ran, after {exits} exits to the VMM (the last: {last})"
+                "guest crashed: vCPU {cpu} triple-faulted {ran_ms} ms after the VM first ran, after {exits} exits to the VMM (the last: {last})"
             ),
             Some(ExitReason::InternalError {
                 cpu,

@@ -19,7 +19,7 @@ pub enum ExitReason {
     /// on: KVM resets a vCPU that shuts down (on AMD its state is undefined by then).
     TripleFault {
         cpu: u8,
-        /// Milliseconds since this vCPU first entered the guest.
+        /// Milliseconds since the VM's first KVM_RUN.
         ran_ms: u64,
         /// Exits to the VMM before the fault.
         exits: u64,

@@ -106,12 +106,14 @@ pub fn dump(mem: &GuestMemoryMmap, file: &File, source: Option<&File>) -> Result
             let n = (region.len() - done).min(DUMP_CHUNK as u64) as usize;
             let pages = n.div_ceil(PAGE);
             let kinds = page_kinds(pagemap.as_ref(), host + done, &mut entries[..pages * 8]);
+            // Without a page map every page counts as the guest's own.
+            let own_page = |p: usize| kinds.as_ref().is_none_or(|k| k[p]);
             let mut i = 0;
             while i < pages {
                 // A run of pages of one kind: [i, j).
-                let own = kinds.as_ref().is_none_or(|k| k[i]);
+                let own = own_page(i);
                 let mut j = i + 1;
-                while j < pages && kinds.as_ref().is_none_or(|k| k[j]) == own {
+                while j < pages && own_page(j) == own {
                     j += 1;
                 }
                 let at = done + (i * PAGE) as u64;

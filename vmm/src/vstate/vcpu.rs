@@ -146,7 +146,6 @@ pub struct Vcpu {
     /// Exits handled, and the last one: what a triple fault report can say of the past.
     exits: u64,
     last_exit: LastExit,
-    started: Option<std::time::Instant>,
 }
 
 /// The last exit a vCPU handled, kept for a crash report.
@@ -214,7 +213,6 @@ impl Vcpu {
             seccomp: None,
             exits: 0,
             last_exit: LastExit::None,
-            started: None,
         })
     }
 
@@ -367,7 +365,6 @@ impl Vcpu {
     /// One KVM_RUN; `Some` ends the VM.
     fn run_once(&mut self) -> Option<ExitReason> {
         let cpu = self.index;
-        let started = *self.started.get_or_insert_with(std::time::Instant::now);
         let exit = self.fd.run();
         self.exits += 1;
         match exit {
@@ -397,7 +394,8 @@ impl Vcpu {
             }),
             Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault {
                 cpu,
-                ran_ms: started.elapsed().as_millis() as u64,
+                ran_ms: monotonic_ns().saturating_sub(self.first_run.load(Ordering::SeqCst))
+                    / 1_000_000,
                 exits: self.exits - 1,
                 last: self.last_exit.to_string(),
             }),
