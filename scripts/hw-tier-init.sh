@@ -5,6 +5,8 @@
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /dev/shm /run /tmp; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+# cgroup v2 as a systemd host has it: the jail's per-VM memory and CPU limits are tested here.
+mkdir -p /sys/fs/cgroup; mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "HWTIER no cgroup2"
 export PATH=/vm/bin:/bin HOME=/root VMRUN_CACHE=/vm/cache TMPDIR=/tmp TERM=xterm LANG=C.UTF-8 LC_ALL=C.UTF-8
 export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1 RUST_BACKTRACE=1
 hostname hw-tier
@@ -19,7 +21,11 @@ lockups() { dmesg | grep -c "soft lockup"; }
 [ -s /vm/debug.sh ] && { echo "HWTIER debug:"; sh /vm/debug.sh 2>&1 | sed 's/^/HWTIER debug: /'; }
 a=$(up)
 if vmrun doctor >/tmp/doctor.txt 2>&1 && grep -q "hardware speed" /tmp/doctor.txt; then
-    result doctor ok
+    if grep -q "^ok  jail: on" /tmp/doctor.txt && grep -q "^ok  seccomp: on" /tmp/doctor.txt; then
+        result doctor ok
+    else
+        result doctor "FAILED (does not report seccomp and the jail on)"
+    fi
 else
     result doctor "FAILED (does not report hardware-speed ring 0)"
 fi

@@ -27,6 +27,8 @@ VMRUN_CACHE="$cache" bash "$src/scripts/build-images.sh" "kernel-$variant" initr
 mkdir -p "$dir"
 cp "$src/target/release/vmrun" "$dir/vmrun"
 cp -L "$cache/$kernel" "$dir/vmlinux"
+# The kernel's symbols, for scripts/profile-where.sh.
+cp "$(dirname "$(readlink -f "$cache/$kernel")")/System.map" "$dir/System.map" 2>/dev/null || true
 cp -L "$cache/initramfs.cpio" "$dir/initramfs.cpio"
 ( cd "$src" && git describe --always --dirty ) >"$dir/revision" 2>/dev/null || true
 log "$dir: vmrun, vmlinux ($variant), initramfs.cpio from $(cat "$dir/revision" 2>/dev/null || echo "$src")"

@@ -41,6 +41,7 @@ fn real_kernel_boots_to_the_init_ready_line() {
         probes: false,
         hide_pv_hypercalls: pvm,
         seccomp: None,
+        run_as: None,
     })
     .expect("VM starts");
     let started = t0.elapsed();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use vmrun_tests::cli::{alive, have_tmux, run, vmrun_in, wait_file, Term};
+use vmrun_tests::cli::{alive, children_of, have_tmux, run, vmrun_in, wait_file, Term};
 use vmrun_tests::{host_leftovers, read_tar, t4_images, t4_rootfs, Budget};
 
 fn ready(name: &str) -> bool {
@@ -392,4 +392,140 @@ fn killed_launchers_leave_nothing_behind() {
     let (code, _, err) = run(c, b"", &op("vmrun ls"));
     assert_eq!(code, 0, "{err}");
     assert_nothing_left(rt.path(), &before, vmm, Some(out_dir.path()));
+}
+
+/// `/proc/PID/status` as field → value.
+fn proc_status(pid: u32) -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn the_vmm_runs_jailed_and_leaves_nothing_behind() {
+    let test = "the_vmm_runs_jailed_and_leaves_nothing_behind";
+    if !ready(test) {
+        return;
+    }
+    let rt = tempfile::tempdir().unwrap();
+    let rt = rt.path();
+    let supervisor = start(rt, "jailed");
+    let kids = children_of(supervisor);
+    assert_eq!(
+        kids.len(),
+        1,
+        "the supervisor runs one jailed VMM: {kids:?}"
+    );
+    let vmm = kids[0];
+
+    // An unprivileged, fresh user; no capability in any set; no way to gain one; filtered.
+    let st = proc_status(vmm);
+    let fresh = (vmrun::jail::FRESH_ID_BASE + supervisor).to_string();
+    let ids = [fresh.as_str(); 4].join("\t");
+    assert_eq!(st["Uid"], ids, "{st:?}");
+    assert_eq!(st["Gid"], ids, "{st:?}");
+    assert_eq!(st["Groups"], "", "{st:?}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(st[set], "0000000000000000", "{set}: {st:?}");
+    }
+    assert_eq!(st["NoNewPrivs"], "1");
+    assert_eq!(st["Seccomp"], "2", "the main thread's filter");
+
+    // Namespaces of its own.
+    for ns in ["pid", "mnt", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace");
+    }
+    // Its root holds /dev/kvm and nothing else of /dev, and none of the host's system.
+    let root = PathBuf::from(format!("/proc/{vmm}/root"));
+    let dev: Vec<String> = std::fs::read_dir(root.join("dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dev, ["kvm"]);
+    for absent in ["etc", "usr", "bin", "home", "sys"] {
+        assert!(
+            !root.join(absent).exists(),
+            "/{absent} is visible in the jail"
+        );
+    }
+    // Its cgroup, where the host has cgroup v2 with memory and cpu controllers.
+    let memory_mib: u64 = std::fs::read_to_string(rt.join("vms/jailed/vm"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("memory_mib=")?.parse().ok())
+        .unwrap();
+    let cgroup = vmrun::jail::cgroup_of("jailed");
+    match &cgroup {
+        Some(dir) => {
+            let own = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+            assert!(own.contains("/vmrun/jailed"), "{own}");
+            let max = std::fs::read_to_string(dir.join("memory.max")).unwrap();
+            assert_eq!(
+                max.trim(),
+                ((memory_mib + vmrun::jail::MEMORY_OVERHEAD_MIB) << 20).to_string()
+            );
+        }
+        None => eprintln!(
+            "T4 jail: no cgroup limits on this host ({}); the --cpu-quota refusal is checked instead",
+            vmrun::jail::cgroup_report()
+        ),
+    }
+
+    // The VM works through all of it.
+    let mut c = vmrun_in(rt);
+    c.args(["exec", "jailed", "--", "sh", "-c", "echo through-the-jail"]);
+    let (code, out, err) = run(c, b"", &op("an exec in the jailed VM"));
+    assert_eq!((code, out.as_str()), (0, "through-the-jail\n"), "{err}");
+
+    // --cpu-quota: set where it can be, refused with the reason where it cannot.
+    let mut c = vmrun_in(rt);
+    c.args([
+        "start",
+        "--name",
+        "quota",
+        "--cpu-quota",
+        "50",
+        "--overlay",
+        "tmpfs",
+    ]);
+    let (code, out, err) = run(c, b"", &start_budget());
+    match vmrun::jail::cgroup_of("quota") {
+        Some(dir) => {
+            assert_eq!((code, out.trim()), (0, "quota"), "{err}");
+            let cpu = std::fs::read_to_string(dir.join("cpu.max")).unwrap();
+            assert_eq!(cpu.trim(), "50000 100000");
+            let mut c = vmrun_in(rt);
+            c.args(["stop", "quota"]);
+            assert_eq!(run(c, b"", &op("vmrun stop")).0, 0);
+            assert!(!dir.exists(), "the cgroup went with its VM");
+        }
+        None => {
+            assert_eq!(code, 125, "{out}{err}");
+            assert!(
+                err.contains("--cpu-quota needs a cgroup v2 cpu controller"),
+                "{err}"
+            );
+            assert!(!vm_dirs(rt).contains(&"quota".to_string()));
+        }
+    }
+
+    // Stopped: neither process, nor the VM's directory, nor its cgroup is left.
+    let mut c = vmrun_in(rt);
+    c.args(["stop", "jailed"]);
+    let (code, _, err) = run(c, b"", &op("vmrun stop"));
+    assert_eq!(code, 0, "{err}");
+    let b = op("the jailed VMM and its supervisor to end");
+    while alive(supervisor) || alive(vmm) {
+        b.check(|| format!("supervisor {supervisor} or VMM {vmm} still runs"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(vm_dirs(rt).is_empty(), "{:?}", vm_dirs(rt));
+    if let Some(dir) = cgroup {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
 }

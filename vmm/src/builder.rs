@@ -33,7 +33,9 @@ use crate::devices::virtio::mmio::{
 };
 use crate::devices::virtio::vsock::{Vsock, VsockError, VsockMetrics};
 use crate::devices::virtio::Interrupt;
-use crate::snapshot::{MachineState, Snapshot, SnapshotError, SnapshotInfo, MEMORY_FILE};
+use crate::snapshot::{
+    MachineState, Snapshot, SnapshotError, SnapshotInfo, MEMORY_FILE, STATE_FILE,
+};
 use crate::vstate::bus::BusError;
 use crate::vstate::exit::{ExitReason, ExitState};
 use crate::vstate::memory::{self, MemoryError};
@@ -51,6 +53,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     #[error(transparent)]
     Kvm(#[from] KvmError),
     #[error(transparent)]
@@ -174,6 +178,13 @@ pub struct Vmm {
     /// the pages the guest never wrote from it instead of reading them.
     mem_source: Option<std::fs::File>,
     _stats: Vec<std::fs::File>,
+}
+
+/// Where a snapshot goes: its state and memory files, open and empty, with their paths for
+/// messages.
+pub struct SnapshotFiles<'a> {
+    pub state: (&'a Path, &'a std::fs::File),
+    pub memory: (&'a Path, &'a std::fs::File),
 }
 
 /// The devices `assemble` made, for the VM and for snapshots.
@@ -338,6 +349,11 @@ impl Vmm {
             mem_source,
             _stats: stats,
         };
+        // The last step as root in a jail: every thread from here on, and so every guest
+        // instruction, runs as the jail's unprivileged user.
+        if let Some(user) = cfg.run_as {
+            user.become_it(cfg.vcpus)?;
+        }
         vmm.event_thread = Some(vmm.spawn_events(events).map_err(StartError::EventThread)?);
         for mut v in vcpus {
             v.set_seccomp(vmm.seccomp.clone());
@@ -638,6 +654,29 @@ impl Vmm {
     /// `memory` (guest RAM, sparse) and `state` (`info` and the machine state). The VM stays
     /// paused: [`Vmm::resume`] it or drop it. Returns the bytes of RAM the dump covers.
     pub fn snapshot(&mut self, dir: &Path, info: &SnapshotInfo) -> Result<u64, SaveError> {
+        let create = |name: &str| {
+            let path = dir.join(name);
+            std::fs::File::create(&path)
+                .map(|f| (path.clone(), f))
+                .map_err(|source| SnapshotError::Io { path, source })
+        };
+        let (state_path, state) = create(STATE_FILE)?;
+        let (memory_path, memory) = create(MEMORY_FILE)?;
+        self.snapshot_into(
+            SnapshotFiles {
+                state: (&state_path, &state),
+                memory: (&memory_path, &memory),
+            },
+            info,
+        )
+    }
+
+    /// As [`Vmm::snapshot`], into files the caller opened (a jailed VMM cannot create them).
+    pub fn snapshot_into(
+        &mut self,
+        files: SnapshotFiles,
+        info: &SnapshotInfo,
+    ) -> Result<u64, SaveError> {
         let vcpus = self.pause()?;
         let transports = self
             .transports
@@ -656,15 +695,13 @@ impl Vmm {
             mem_mib: self.mem_mib,
             ..info.clone()
         };
-        let path = dir.join(MEMORY_FILE);
-        let file = std::fs::File::create(&path).map_err(|source| SnapshotError::Io {
-            path: path.clone(),
+        let (path, file) = files.memory;
+        let bytes = memory::dump(&self.mem, file, self.mem_source.as_ref())?;
+        file.sync_all().map_err(|source| SnapshotError::Io {
+            path: path.to_path_buf(),
             source,
         })?;
-        let bytes = memory::dump(&self.mem, &file, self.mem_source.as_ref())?;
-        file.sync_all()
-            .map_err(|source| SnapshotError::Io { path, source })?;
-        Snapshot::write_state(dir, &info, &machine)?;
+        Snapshot::write_state_to(files.state.0, files.state.1, &info, &machine)?;
         Ok(bytes)
     }
 

@@ -92,6 +92,9 @@ pub struct VmConfig {
     pub hide_pv_hypercalls: bool,
     /// The seccomp filters each VMM thread installs on itself (`None`: no filtering).
     pub seccomp: Option<std::sync::Arc<crate::seccomp::Filters>>,
+    /// The jail's user: the VMM drops to it before its first thread starts (`None`: it keeps
+    /// running as it was started).
+    pub run_as: Option<crate::jail::User>,
 }
 
 #[cfg(test)]

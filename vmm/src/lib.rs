@@ -22,6 +22,8 @@ pub mod devices;
 #[doc(hidden)]
 pub mod host;
 #[doc(hidden)]
+pub mod jail;
+#[doc(hidden)]
 pub mod launch;
 #[doc(hidden)]
 pub mod outcome;

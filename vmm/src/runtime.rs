@@ -210,6 +210,10 @@ impl VmPaths {
     pub fn socket(&self) -> PathBuf {
         self.dir.join(SOCKET)
     }
+    /// An empty directory the jailed VMM's root is mounted on (in its own mount namespace).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("jail")
+    }
     /// The VMM's control socket (snapshots).
     pub fn control(&self) -> PathBuf {
         self.dir.join(CONTROL)
@@ -289,6 +293,8 @@ impl VmPaths {
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
+        // The cgroup of a VM whose supervisor was killed outright.
+        crate::jail::remove_stale_cgroup(&self.name);
     }
 }
 
@@ -409,6 +415,12 @@ pub fn sweep() {
         }
         if p.record().is_none_or(|r| !r.named) {
             p.remove();
+        }
+    }
+    // Cgroups of VMs killed with their supervisor, whose directories went meanwhile.
+    for name in crate::jail::cgroup_names() {
+        if !VmPaths::at(&name).alive() {
+            crate::jail::remove_stale_cgroup(&name);
         }
     }
 }

@@ -188,7 +188,8 @@ fn events() -> Rules {
     r
 }
 
-/// The control socket's thread: accept, read a line, check the peer, hand it on, answer.
+/// The control socket's thread: accept, read a line and its files, check the peer, hand it
+/// on, answer.
 fn control() -> Rules {
     let mut r = common();
     allow(
@@ -199,6 +200,8 @@ fn control() -> Rules {
             libc::SYS_setsockopt,
             libc::SYS_sendto,
             libc::SYS_recvfrom,
+            // A request's files come as SCM_RIGHTS.
+            libc::SYS_recvmsg,
         ],
     );
     allow_arg(&mut r, libc::SYS_ioctl, 1, &[FIONBIO, FIOCLEX]);

@@ -95,28 +95,41 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 }
 
 fn sha256_file(path: &Path) -> Result<[u8; 32], SnapshotError> {
-    let mut f = File::open(path).map_err(io(path))?;
+    sha256_of(&File::open(path).map_err(io(path))?, path)
+}
+
+/// The SHA-256 of an open file's content, read by offset (the file's position is untouched).
+fn sha256_of(f: &File, path: &Path) -> Result<[u8; 32], SnapshotError> {
+    use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
+        let n = f.read_at(&mut buf, at).map_err(io(path))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        at += n as u64;
     }
     Ok(h.finalize().into())
 }
 
 impl ImageId {
     pub fn of(role: &str, path: &Path) -> Result<ImageId, SnapshotError> {
-        let m = std::fs::metadata(path).map_err(io(path))?;
+        Self::of_file(role, path, &File::open(path).map_err(io(path))?)
+    }
+
+    /// The identity of `path`'s content, read from `file` (opened from it earlier: a jailed
+    /// VMM can no longer open it).
+    pub fn of_file(role: &str, path: &Path, file: &File) -> Result<ImageId, SnapshotError> {
+        let m = file.metadata().map_err(io(path))?;
         Ok(ImageId {
             role: role.into(),
             path: path.to_path_buf(),
             len: m.len(),
             mtime_ns: mtime_ns(&m),
-            sha256: sha256_file(path)?,
+            sha256: sha256_of(file, path)?,
         })
     }
 
@@ -223,13 +236,23 @@ impl Snapshot {
         machine: &MachineState,
     ) -> Result<(), SnapshotError> {
         let path = dir.join(STATE_FILE);
+        let f = File::create(&path).map_err(io(&path))?;
+        Self::write_state_to(&path, &f, info, machine)
+    }
+
+    /// Writes the state into `f`, an empty file opened for it (`path` names it in errors).
+    pub fn write_state_to(
+        path: &Path,
+        mut f: &File,
+        info: &SnapshotInfo,
+        machine: &MachineState,
+    ) -> Result<(), SnapshotError> {
         let bytes = encode(&BodyRef { info, machine }).map_err(|reason| SnapshotError::Decode {
-            path: path.clone(),
+            path: path.to_path_buf(),
             reason,
         })?;
-        let mut f = File::create(&path).map_err(io(&path))?;
-        f.write_all(&bytes).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))
+        f.write_all(&bytes).map_err(io(path))?;
+        f.sync_all().map_err(io(path))
     }
 }
 

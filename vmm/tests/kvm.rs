@@ -32,6 +32,7 @@ fn start(g: TestGuest, vcpus: u8) -> Vmm {
         probes: true,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     })
     .expect("test guest starts")
 }
@@ -76,6 +77,7 @@ fn pio_and_mmio_exits_reach_their_devices() {
         probes: false,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     })
     .unwrap();
     assert_eq!(vmm.wait(WAIT), Some(ExitReason::Status(Status::Exited(0))));
@@ -236,6 +238,7 @@ fn linux(
         probes: true,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     })
 }
 
@@ -340,6 +343,7 @@ fn boot_image(
         probes: true,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     })
     .unwrap();
     let r = vmm.wait(WAIT);
@@ -422,6 +426,7 @@ fn every_kernel_entry_path_boots() {
             probes: true,
             hide_pv_hypercalls: false,
             seccomp: None,
+            run_as: None,
         })
         .map(|_| ())
     });

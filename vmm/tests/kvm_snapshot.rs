@@ -30,6 +30,7 @@ fn config(g: &TestGuest) -> VmConfig {
         probes: true,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     }
 }
 

@@ -10,7 +10,7 @@ pub mod vm;
 pub use crate::config::{BootProtocol, DiskConfig};
 pub use crate::host::compat::Compat;
 pub use crate::launch::overlay::Overlay;
-pub use crate::launch::{Rootfs, VmOptions, DEFAULT_MEMORY_MIB, DEFAULT_MEMORY_MIB_PVM};
+pub use crate::launch::{JailUser, Rootfs, VmOptions, DEFAULT_MEMORY_MIB, DEFAULT_MEMORY_MIB_PVM};
 pub use builder::{Phase, VmBuilder};
 pub use vm::{Vm, VmError};
 pub use vmrun_protocol::agent::{ErrorInfo, ErrorKind, Exec, ExitStatus, FileKind, StatInfo};

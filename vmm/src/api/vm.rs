@@ -216,10 +216,13 @@ impl Vm {
             .map(Child::id)
     }
 
-    /// The VMM's process id (started here, or from the VM's record when attached).
+    /// The process id of the VMM that runs the guest: the jailed one when there is a jail
+    /// (the process this library started, or the record names, is then its supervisor).
     pub fn vmm_pid(&self) -> Option<u32> {
-        self.own_pid()
-            .or_else(|| self.paths.record().map(|r| r.pid).filter(|p| *p > 0))
+        let pid = self
+            .own_pid()
+            .or_else(|| self.paths.record().map(|r| r.pid).filter(|p| *p > 0))?;
+        Some(jailed_child(pid).unwrap_or(pid))
     }
 
     /// A handle that stops this VM from another thread.
@@ -358,7 +361,35 @@ impl Vm {
             dir: dir.to_path_buf(),
             then,
         };
-        control::call(&self.paths.control(), &req, SNAPSHOT_TIMEOUT).map_err(|e| {
+        // The VMM writes into files made here: a jailed VMM can create none on the host. A
+        // VM without a disk upper layer leaves the upper copy empty, and it goes.
+        let create = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map(|f| (path.clone(), f))
+                .map_err(|source| VmError::Host {
+                    what: "snapshot file",
+                    path,
+                    source,
+                })
+        };
+        let (_, state) = create(crate::snapshot::STATE_FILE)?;
+        let (_, memory) = create(crate::snapshot::MEMORY_FILE)?;
+        let (upper_path, upper) = create(crate::launch::snapshot::UPPER_FILE)?;
+        let taken = control::call(
+            &self.paths.control(),
+            &req,
+            &[&state, &memory, &upper],
+            SNAPSHOT_TIMEOUT,
+        );
+        if upper.metadata().is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&upper_path);
+        }
+        taken.map_err(|e| {
             // A VMM that died on the request is named with its last word.
             for _ in 0..10 {
                 if let Some(status) = self.ended() {
@@ -470,15 +501,17 @@ impl Vm {
                 // SAFETY: kill(2) on the VMM named in the VM's record; the lock shows a
                 // holder is still alive, so the pid has not been reused by a dead VM's.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let t = Instant::now();
-                while self.paths.alive() && t.elapsed() < Duration::from_secs(5) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
             }
         }
         *c = None;
         drop(c);
         self.claim = None;
+        // A jailed VMM ends a moment after its supervisor (its parent's death kills it); its
+        // directory and cgroup go once it has.
+        let t = Instant::now();
+        while self.paths.alive() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.paths.remove();
     }
 }
@@ -496,5 +529,17 @@ impl Drop for Vm {
         if self.claim.is_some() {
             self.kill();
         }
+    }
+}
+
+/// The one child of a jail's supervisor `pid`, if it has one (a VMM without a jail has none).
+fn jailed_child(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let mut kids = text
+        .split_whitespace()
+        .filter_map(|k| k.parse::<u32>().ok());
+    match (kids.next(), kids.next()) {
+        (Some(k), None) => Some(k),
+        _ => None,
     }
 }

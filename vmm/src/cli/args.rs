@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use vmrun::api::{BootProtocol, Compat, DiskConfig, Overlay, Rootfs, VmOptions};
 use vmrun::config::{VsockConfig, DEFAULT_CID};
 use vmrun::launch::overlay::OverlayError;
+use vmrun::launch::JailUser;
 
 /// Options every command that starts a VM shares.
 #[derive(clap::Args, Clone, Debug)]
@@ -61,6 +62,17 @@ pub struct VmArgs {
     /// Run the VMM without its seccomp filters (debugging; `vmrun doctor` and -v say so).
     #[arg(long)]
     no_seccomp: bool,
+    /// Run the VMM outside its jail (its own namespaces, an empty root, an unprivileged user,
+    /// a cgroup): debugging only; `vmrun doctor` and -v say so.
+    #[arg(long)]
+    no_jail: bool,
+    /// The user the jailed VMM runs as, UID[:GID]. Default: a fresh uid and gid for each VM.
+    #[arg(long, value_name = "UID[:GID]")]
+    jail_user: Option<JailUser>,
+    /// Limit the VM's CPU time to this percentage of one CPU (50: half a CPU, 200: two),
+    /// through its cgroup v2 group.
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    cpu_quota: Option<u32>,
     /// Start from a snapshot (a name from `vmrun snapshot ls`, or a directory) instead of
     /// booting: restored in milliseconds with the snapshot's own options. (For `snapshot
     /// create`: the running VM to snapshot.)
@@ -136,6 +148,9 @@ impl VmArgs {
             vsock: None,
             console_log: self.console_log.clone(),
             no_seccomp: self.no_seccomp,
+            no_jail: self.no_jail,
+            jail_user: self.jail_user,
+            cpu_quota: self.cpu_quota,
         })
     }
 }
@@ -226,6 +241,7 @@ mod tests {
                 }),
                 console_log: Some("/tmp/console.log".into()),
                 no_seccomp: true,
+                no_jail: true,
                 ..Default::default()
             },
             VmOptions {
@@ -235,6 +251,11 @@ mod tests {
                     path: "/u/upper.ext4".into(),
                     fstype: "xfs".into(),
                 }),
+                jail_user: Some(JailUser {
+                    uid: 4000,
+                    gid: 4001,
+                }),
+                cpu_quota: Some(150),
                 ..Default::default()
             },
             VmOptions {

@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use vmrun::builder::Vmm;
+use vmrun::builder::{SnapshotFiles, Vmm};
 use vmrun::config::{Payload, VmConfig, VsockConfig, DEFAULT_CID};
 use vmrun::control::{self, Then};
 use vmrun::devices::legacy::serial::ConsoleSink;
 use vmrun::host::testguest;
+use vmrun::jail;
 use vmrun::launch::VmOptions;
 use vmrun::launch::{self, overlay::ENV_TOGGLE};
 use vmrun::outcome::Outcome;
@@ -29,28 +30,58 @@ const CONTROL_POLL: Duration = Duration::from_millis(50);
 struct Control {
     server: control::Server,
     opts: VmOptions,
+    /// What snapshots read on the host, opened before the jail (or why they could not be).
+    sources: Result<launch::snapshot::Sources, String>,
 }
 
-/// Writes a snapshot into `dir` (absolute, existing, empty): images are identified before the
-/// pause, the upper disk copied during it; then the VM resumes or stops. A failure after the
-/// pause resumes the VM.
-fn take_snapshot(vmm: &mut Vmm, opts: &VmOptions, dir: &Path, then: Then) -> Result<u64, String> {
-    let empty = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .next()
-        .is_none();
-    if !empty {
-        return Err(format!("{}: not empty", dir.display()));
-    }
-    let info = launch::snapshot::info_for(opts).map_err(|e| e.to_string())?;
+/// Writes a snapshot into the files the caller sent (state, memory and, with a disk upper
+/// layer, its copy), named under `dir` in messages: images are identified before the pause,
+/// the upper disk copied during it; then the VM resumes or stops. A failure after the pause
+/// resumes the VM.
+fn take_snapshot(
+    vmm: &mut Vmm,
+    c: &Control,
+    dir: &Path,
+    files: &[std::fs::File],
+    then: Then,
+) -> Result<u64, String> {
+    let sources = c.sources.as_ref().map_err(|e| e.clone())?;
+    // The caller sends state, memory and an upper file, which stays empty without a disk
+    // upper layer.
+    let (Some(state), Some(memory)) = (files.first(), files.get(1)) else {
+        return Err(format!(
+            "a snapshot takes its files (state, memory, upper) with the request; {} came",
+            files.len()
+        ));
+    };
+    let upper = match (sources.has_upper(), files.get(2)) {
+        (false, _) => None,
+        (true, Some(u)) => Some(u),
+        (true, None) => {
+            return Err("this VM has a disk upper layer: send a third file for its copy".into())
+        }
+    };
+    let info = launch::snapshot::info_from(&c.opts, sources).map_err(|e| e.to_string())?;
     let t = Instant::now();
+    let state_path = dir.join(vmrun::snapshot::STATE_FILE);
+    let memory_path = dir.join(vmrun::snapshot::MEMORY_FILE);
     let saved = vmm
-        .snapshot(dir, &info)
+        .snapshot_into(
+            SnapshotFiles {
+                state: (&state_path, state),
+                memory: (&memory_path, memory),
+            },
+            &info,
+        )
         .map_err(|e| e.to_string())
-        .and_then(|bytes| {
-            launch::snapshot::save_upper(opts, dir)
-                .map(|()| bytes)
-                .map_err(|e| e.to_string())
+        .and_then(|bytes| match upper {
+            Some(upper) => {
+                let p = dir.join(launch::snapshot::UPPER_FILE);
+                launch::snapshot::copy_upper(sources, upper, &p)
+                    .map(|()| bytes)
+                    .map_err(|e| e.to_string())
+            }
+            None => Ok(bytes),
         });
     log::info!(
         "snapshot into {}: {:?} in {:.1} ms",
@@ -88,12 +119,12 @@ fn run_with(mut vmm: Vmm, timeout: Option<Duration>, control: Option<Control>) -
             break Some(r);
         }
         let Some(c) = &control else { continue };
-        while let Some((req, reply)) = c.server.try_next() {
-            match req {
+        while let Some(inc) = c.server.try_next() {
+            match inc.request {
                 control::Request::Snapshot { dir, then } => {
-                    match take_snapshot(&mut vmm, &c.opts, &dir, then) {
-                        Ok(bytes) => reply.ok(bytes),
-                        Err(e) => reply.error(&e),
+                    match take_snapshot(&mut vmm, c, &dir, &inc.files, then) {
+                        Ok(bytes) => inc.reply.ok(bytes),
+                        Err(e) => inc.reply.error(&e),
                     }
                 }
             }
@@ -113,17 +144,23 @@ fn run_with(mut vmm: Vmm, timeout: Option<Duration>, control: Option<Control>) -
     exit_code(code)
 }
 
-/// With `VMRUN_OWNER_PID` set (the library does), the VM ends when that process does, unless
-/// it was detached meanwhile (a mark in the VM's directory, `VMRUN_VM_DIR`).
-fn watch_owner() {
-    let Some(owner) = std::env::var(OWNER_ENV)
+/// The process a library-started VM must not outlive (`VMRUN_OWNER_PID`), and the mark of
+/// its letting the VM go (in the VM's directory, `VMRUN_VM_DIR`).
+fn owner() -> (Option<i32>, Option<PathBuf>) {
+    let owner = std::env::var(OWNER_ENV)
         .ok()
-        .and_then(|p| p.parse::<i32>().ok())
-    else {
-        return;
-    };
+        .and_then(|p| p.parse::<i32>().ok());
     let mark = std::env::var_os(VM_DIR_ENV)
         .map(|d| vmrun::runtime::VmPaths::from_dir(d.into()).detached_mark());
+    (owner, mark)
+}
+
+/// Without a jail (whose supervisor does this), the VM ends when its owner does, unless it
+/// was detached meanwhile.
+fn watch_owner(owner: Option<i32>, mark: Option<PathBuf>) {
+    let Some(owner) = owner else {
+        return;
+    };
     std::thread::spawn(move || loop {
         // SAFETY: getppid has no preconditions and cannot fail.
         if unsafe { libc::getppid() } != owner {
@@ -137,12 +174,94 @@ fn watch_owner() {
     });
 }
 
+/// The jail of this VM: what it must see (the KVM device, its images and disks, its runtime
+/// directory or socket directory, a snapshot it restores), its limits and its supervision.
+fn jail_spec(
+    opts: &VmOptions,
+    cfg: &VmConfig,
+    restore: Option<&Path>,
+    vm_dir: Option<&Path>,
+) -> Result<jail::Spec, String> {
+    let mut binds = vec![jail::Bind {
+        path: "/dev/kvm".into(),
+        writable: true,
+        device: true,
+    }];
+    if let Payload::Linux { kernel, initrd, .. } = &cfg.payload {
+        binds.push(jail::Bind::read_only(kernel));
+        if let Some(i) = initrd {
+            binds.push(jail::Bind::read_only(i));
+        }
+    }
+    for d in &cfg.disks {
+        binds.push(if d.read_only {
+            jail::Bind::read_only(&d.path)
+        } else {
+            jail::Bind::writable(&d.path)
+        });
+    }
+    let mut remove_after = Vec::new();
+    let (name, root) = match vm_dir {
+        Some(d) => {
+            binds.push(jail::Bind::writable(d));
+            let p = vmrun::runtime::VmPaths::from_dir(d.to_path_buf());
+            remove_after.push(p.control());
+            (p.name.clone(), p.jail_root())
+        }
+        None => {
+            let pid = std::process::id();
+            (
+                format!("boot-{pid}"),
+                std::env::temp_dir().join(format!("vmrun-jail-{pid}")),
+            )
+        }
+    };
+    if let Some(v) = &cfg.vsock {
+        // The device binds its socket there (and guest connections reach PATH_PORT there).
+        let dir = match v.uds_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if vm_dir != Some(dir.as_path()) {
+            binds.push(jail::Bind::writable(dir));
+        }
+        remove_after.push(v.uds_path.clone());
+    }
+    if let Some(r) = restore {
+        binds.push(jail::Bind::read_only(r));
+    }
+    std::fs::create_dir_all(&root).map_err(|e| format!("jail root {}: {e}", root.display()))?;
+    remove_after.push(root.clone());
+    let (owner, detached_mark) = owner();
+    Ok(jail::Spec {
+        name,
+        root,
+        binds,
+        user: opts.jail_user.map(|u| jail::User {
+            uid: u.uid,
+            gid: u.gid,
+        }),
+        vcpus: cfg.vcpus,
+        limits: jail::Limits {
+            memory: Some((cfg.mem_mib + jail::MEMORY_OVERHEAD_MIB) << 20),
+            cpu_percent: opts.cpu_quota,
+        },
+        owner,
+        detached_mark,
+        remove_after,
+    })
+}
+
 pub fn boot(a: &BootArgs) -> ExitCode {
-    watch_owner();
     let opts = match a.options() {
         Ok(o) => o,
         Err(e) => return launcher_error(e),
     };
+    if opts.no_jail && opts.cpu_quota.is_some() {
+        return launcher_error(
+            "--cpu-quota is enforced by the VM's jail (its cgroup); drop --no-jail",
+        );
+    }
     let env = std::env::var(ENV_TOGGLE).ok();
     let resolved = match launch::resolve(&opts, env.as_deref()) {
         Ok(r) => r,
@@ -188,6 +307,46 @@ pub fn boot(a: &BootArgs) -> ExitCode {
         }
     );
     cfg.seccomp = filters.clone();
+    let vm_dir = std::env::var_os(VM_DIR_ENV).map(PathBuf::from);
+    // What a snapshot reads on the host, opened while the VMM still can.
+    let sources = vm_dir
+        .as_ref()
+        .map(|_| launch::snapshot::Sources::open(&opts).map_err(|e| e.to_string()));
+    if opts.no_jail {
+        eprintln!("vmrun: warning: the jail is off (--no-jail): the VMM runs with this process's privileges and view of the host");
+        let (owner, mark) = owner();
+        watch_owner(owner, mark);
+    } else {
+        let spec = match jail_spec(&opts, &cfg, a.restore.as_deref(), vm_dir.as_deref()) {
+            Ok(s) => s,
+            Err(e) => return launcher_error(e),
+        };
+        match jail::enter(&spec) {
+            Ok(j) => {
+                log::info!("{}", j.describe());
+                cfg.run_as = Some(j.user);
+            }
+            Err(jail::JailError::NotRoot(uid)) => {
+                log::warn!("jail: off: vmrun runs as uid {uid}, and building the jail needs root");
+                let (owner, mark) = owner();
+                watch_owner(owner, mark);
+            }
+            Err(e) => return launcher_error(e),
+        }
+    }
+    super::signals::install();
+    // A VM the library started (it has a runtime directory) takes control requests: its
+    // socket is bound now, while the VMM may still create it.
+    let bound = vm_dir.as_ref().and_then(|d| {
+        let path = vmrun::runtime::VmPaths::from_dir(d.clone()).control();
+        match control::Bound::bind(&path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                log::warn!("no control socket at {}: {e}", path.display());
+                None
+            }
+        }
+    });
     let started = match &a.restore {
         None => Vmm::start(cfg),
         Some(dir) => match (Instant::now(), Snapshot::load(dir)) {
@@ -210,15 +369,15 @@ pub fn boot(a: &BootArgs) -> ExitCode {
         Ok(v) => v,
         Err(e) => return launcher_error(e),
     };
-    // A VM the library started (it has a runtime directory) takes control requests.
-    let control = std::env::var_os(VM_DIR_ENV).and_then(|d| {
-        let path = vmrun::runtime::VmPaths::from_dir(d.into()).control();
-        match control::Server::bind(&path, filters.clone()) {
-            Ok(server) => Some(Control { server, opts }),
-            Err(e) => {
-                log::warn!("no control socket at {}: {e}", path.display());
-                None
-            }
+    let control = bound.and_then(|b| match b.serve(filters.clone()) {
+        Ok(server) => Some(Control {
+            server,
+            opts,
+            sources: sources.unwrap_or_else(|| Err("no runtime directory".into())),
+        }),
+        Err(e) => {
+            log::warn!("control socket: {e}");
+            None
         }
     });
     // The main thread from here on: waiting, control requests, the end.
@@ -262,6 +421,7 @@ pub fn test_guest(
         probes: true,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     };
     let filters = match vmrun::seccomp::Filters::build() {
         Ok(f) => f,

@@ -17,6 +17,8 @@ pub struct Report {
     pub loop_devices: bool,
     /// Whether the VMM's seccomp filters build and install here (tried on a throwaway thread).
     pub seccomp: Result<usize, String>,
+    /// Whether VMMs can be jailed here, and with which cgroup limits.
+    pub jail: Result<String, String>,
 }
 
 /// Builds the VMM's filters and installs the strictest on a thread of its own.
@@ -50,6 +52,7 @@ impl Report {
                 .any(|l| l.trim_end().ends_with("overlay")),
             loop_devices: std::path::Path::new("/dev/loop-control").exists(),
             seccomp: try_seccomp(),
+            jail: vmrun::jail::probe().map(|()| vmrun::jail::cgroup_report()),
         }
     }
 
@@ -114,6 +117,17 @@ impl Report {
             }
             Err(e) => {
                 let _ = writeln!(o, "--  seccomp: {e}; VMs need --no-seccomp here");
+            }
+        }
+        match &self.jail {
+            Ok(report) => {
+                let _ = writeln!(
+                    o,
+                    "ok  jail: on; each VMM runs in its own PID, mount, network, IPC and UTS namespaces, in an empty root holding only /dev/kvm, its images and its runtime directory, as a fresh unprivileged uid with no capabilities and no_new_privs ({report}); --no-jail turns it off"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(o, "--  jail: {e}; VMMs run without it here");
             }
         }
         o.push_str("images (");

@@ -265,8 +265,11 @@ pub fn verbose() -> u8 {
 }
 
 pub fn main() -> ExitCode {
-    signals::install();
     let cli = Cli::parse();
+    // The VMM takes its signals once its jail is built (which needs a single thread).
+    if !matches!(cli.command, Command::Boot(_)) {
+        signals::install();
+    }
     VERBOSE.store(cli.verbose, Ordering::Relaxed);
     init_logging(cli.verbose);
     match cli.command {

@@ -102,6 +102,7 @@ fn time_loop(iterations: u32, mode: CpuMode) -> Result<f64, ProbeError> {
         probes: true,
         hide_pv_hypercalls: false,
         seccomp: None,
+        run_as: None,
     })?;
     let reason = vmm.wait(Some(Duration::from_secs(20)));
     let s = vmm.probe_samples();

@@ -67,6 +67,44 @@ pub struct VmOptions {
     pub console_log: Option<PathBuf>,
     /// Run the VMM's threads without their seccomp filters (debugging only).
     pub no_seccomp: bool,
+    /// Run the VMM outside its jail (debugging only).
+    pub no_jail: bool,
+    /// The user the jailed VMM runs as; `None`: a fresh uid and gid per VM.
+    pub jail_user: Option<JailUser>,
+    /// The VM's CPU time limit, in percent of one CPU (its cgroup's cpu.max).
+    pub cpu_quota: Option<u32>,
+}
+
+/// `UID[:GID]` for `--jail-user` (the gid defaults to the uid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::str::FromStr for JailUser {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| {
+            t.parse::<u32>()
+                .ok()
+                .filter(|&n| n != 0 && n != u32::MAX)
+                .ok_or_else(|| {
+                    format!("{s:?}: give UID[:GID] as numbers other than 0 (the jail never runs a VM as root)")
+                })
+        };
+        let (u, g) = s.split_once(':').unwrap_or((s, s));
+        Ok(JailUser {
+            uid: num(u)?,
+            gid: num(g)?,
+        })
+    }
+}
+
+impl std::fmt::Display for JailUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
 }
 
 impl Default for VmOptions {
@@ -86,6 +124,9 @@ impl Default for VmOptions {
             vsock: None,
             console_log: None,
             no_seccomp: false,
+            no_jail: false,
+            jail_user: None,
+            cpu_quota: None,
         }
     }
 }
@@ -220,6 +261,7 @@ impl Resolved {
             probes: false,
             hide_pv_hypercalls: self.pvm,
             seccomp: None,
+            run_as: None,
         }
     }
 }
@@ -307,6 +349,17 @@ impl VmOptions {
         }
         if self.no_seccomp {
             a.push("--no-seccomp".into());
+        }
+        if self.no_jail {
+            a.push("--no-jail".into());
+        }
+        if let Some(u) = &self.jail_user {
+            a.push("--jail-user".into());
+            a.push(u.to_string().into());
+        }
+        if let Some(q) = self.cpu_quota {
+            a.push("--cpu-quota".into());
+            a.push(q.to_string().into());
         }
         a
     }

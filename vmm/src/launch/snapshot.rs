@@ -151,22 +151,70 @@ pub fn remove(name: &str) -> Result<PathBuf, SnapshotUseError> {
 /// What a snapshot of a VM started with these (pinned) options records: the options, and the
 /// identity of the kernel, the initramfs, the root disk and every read-only disk.
 pub fn info_for(opts: &VmOptions) -> Result<SnapshotInfo, SnapshotUseError> {
+    refuse_writable_disks(opts)?;
+    info_from(opts, &Sources::open(opts)?)
+}
+
+/// Only a VM's upper layer is kept: a writable extra disk would not match its snapshot.
+fn refuse_writable_disks(opts: &VmOptions) -> Result<(), SnapshotUseError> {
     if opts.disks.iter().any(|d| !d.read_only) {
         return Err(SnapshotUseError::WritableDisk);
     }
-    let mut images = Vec::new();
-    if let Some(k) = &opts.kernel {
-        images.push(ImageId::of("kernel", k)?);
+    Ok(())
+}
+
+/// What a snapshot reads on the host besides guest memory: the images it identifies and the
+/// disk upper layer it copies, opened when the VM starts (a jailed VMM cannot open them
+/// later; this also pins the very files the VM booted from).
+pub struct Sources {
+    images: Vec<(String, PathBuf, std::fs::File)>,
+    upper: Option<(PathBuf, std::fs::File)>,
+}
+
+impl Sources {
+    pub fn open(opts: &VmOptions) -> Result<Sources, SnapshotUseError> {
+        let open = |role: String, path: &Path| {
+            std::fs::File::open(path)
+                .map(|f| (role, path.to_path_buf(), f))
+                .map_err(io("image", path))
+        };
+        let mut images = Vec::new();
+        if let Some(k) = &opts.kernel {
+            images.push(open("kernel".into(), k)?);
+        }
+        if let Some(i) = &opts.initrd {
+            images.push(open("initramfs".into(), i)?);
+        }
+        if let Rootfs::Path(p) = &opts.rootfs {
+            images.push(open("rootfs".into(), p)?);
+        }
+        for (n, d) in opts.disks.iter().enumerate() {
+            images.push(open(format!("disk {}", n + 1), &d.path)?);
+        }
+        let upper = match &opts.overlay {
+            Some(Overlay::Disk { path, .. }) => Some((
+                path.clone(),
+                std::fs::File::open(path).map_err(io("upper disk", path))?,
+            )),
+            _ => None,
+        };
+        Ok(Sources { images, upper })
     }
-    if let Some(i) = &opts.initrd {
-        images.push(ImageId::of("initramfs", i)?);
+
+    /// Whether the snapshot keeps a disk upper layer (and so needs an [`UPPER_FILE`]).
+    pub fn has_upper(&self) -> bool {
+        self.upper.is_some()
     }
-    if let Rootfs::Path(p) = &opts.rootfs {
-        images.push(ImageId::of("rootfs", p)?);
-    }
-    for (n, d) in opts.disks.iter().enumerate() {
-        images.push(ImageId::of(&format!("disk {}", n + 1), &d.path)?);
-    }
+}
+
+/// What a snapshot of a VM started with `opts` records, its images read from `src`.
+pub fn info_from(opts: &VmOptions, src: &Sources) -> Result<SnapshotInfo, SnapshotUseError> {
+    refuse_writable_disks(opts)?;
+    let images = src
+        .images
+        .iter()
+        .map(|(role, path, f)| ImageId::of_file(role, path, f))
+        .collect::<Result<Vec<_>, _>>()?;
     let launch = postcard::to_stdvec(opts).map_err(|e| SnapshotError::Decode {
         path: PathBuf::from("(options)"),
         reason: e.to_string(),
@@ -186,6 +234,25 @@ pub fn save_upper(opts: &VmOptions, dir: &Path) -> Result<(), SnapshotUseError> 
         let dst = dir.join(UPPER_FILE);
         copy_file(path, &dst)?;
     }
+    Ok(())
+}
+
+/// Copies the disk upper layer `src` opened into `dst` (an empty file opened for it; `dst_path`
+/// names it in errors), with copy_file_range: reflinked or copied in the kernel.
+pub fn copy_upper(
+    src: &Sources,
+    dst: &std::fs::File,
+    dst_path: &Path,
+) -> Result<(), SnapshotUseError> {
+    let Some((path, f)) = &src.upper else {
+        return Ok(());
+    };
+    let mut from = f;
+    // The source is shared with nothing else, but another copy may have moved its offset.
+    std::io::Seek::rewind(&mut from).map_err(io("upper disk", path))?;
+    let mut to = dst;
+    std::io::copy(&mut from, &mut to).map_err(io("snapshot upper disk", dst_path))?;
+    to.sync_all().map_err(io("snapshot upper disk", dst_path))?;
     Ok(())
 }
 
@@ -262,6 +329,10 @@ pub fn restore_options(
     }
     opts.console_log = None;
     opts.vsock = None;
+    // How this VM is confined is this start's choice, not the snapshot's.
+    opts.no_jail = asked.no_jail;
+    opts.jail_user = asked.jail_user;
+    opts.cpu_quota = asked.cpu_quota;
     Ok(opts)
 }
 
