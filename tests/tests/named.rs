@@ -498,7 +498,7 @@ fn the_vmm_runs_jailed_and_leaves_nothing_behind() {
         Some(dir) => {
             assert_eq!((code, out.trim()), (0, "quota"), "{err}");
             let cpu = std::fs::read_to_string(dir.join("cpu.max")).unwrap();
-            assert_eq!(cpu.trim(), "50000 100000");
+            assert_eq!(cpu.trim(), "1000000 100000");
             let mut c = vmrun_in(rt);
             c.args(["stop", "quota"]);
             assert_eq!(run(c, b"", &op("vmrun stop")).0, 0);

@@ -462,6 +462,9 @@ impl User {
         nix::unistd::setgroups(&[]).map_err(sys("clearing the supplementary groups"))?;
         nix::unistd::setresgid(gid, gid, gid).map_err(sys(format!("gid {}", self.gid)))?;
         nix::unistd::setresuid(uid, uid, uid).map_err(sys(format!("uid {}", self.uid)))?;
+        // A credential change clears the parent-death signal: set it again, so the VMM still
+        // ends with its supervisor.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("PR_SET_PDEATHSIG"))?;
         let (effective, permitted) = capabilities()?;
         if effective != 0 || permitted != 0 {
             return Err(JailError::CapsLeft {
