@@ -35,7 +35,9 @@ impl Input<'_> {
         Some(b)
     }
     fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = usize::from(self.byte().unwrap_or(0)).min(max).min(self.0.len());
+        let n = usize::from(self.byte().unwrap_or(0))
+            .min(max)
+            .min(self.0.len());
         let (a, rest) = self.0.split_at(n);
         self.0 = rest;
         a.to_vec()
@@ -72,15 +74,21 @@ fn build(data: &[u8], upper: &Path) -> BTreeMap<PathBuf, Want> {
             }),
             1 => {
                 let len = u64::from(inp.byte().unwrap_or(0)) * 257;
-                std::fs::write(&abs, vec![0x5a; len as usize]).is_ok().then(|| {
-                    files.push(rel.clone());
-                    Want::File(len)
-                })
+                std::fs::write(&abs, vec![0x5a; len as usize])
+                    .is_ok()
+                    .then(|| {
+                        files.push(rel.clone());
+                        Want::File(len)
+                    })
             }
             2 => {
                 let target = inp.bytes(64);
                 let target: Vec<u8> = target.into_iter().filter(|&b| b != 0).collect();
-                let target = if target.is_empty() { b"..".to_vec() } else { target };
+                let target = if target.is_empty() {
+                    b"..".to_vec()
+                } else {
+                    target
+                };
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &abs)
                     .is_ok()
                     .then(|| Want::Link(target))
@@ -185,17 +193,18 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Want::File(n)
             }
-            tar::EntryType::Symlink => Want::Link(
-                e.link_name_bytes()
-                    .expect("a symlink target")
-                    .into_owned(),
-            ),
+            tar::EntryType::Symlink => {
+                Want::Link(e.link_name_bytes().expect("a symlink target").into_owned())
+            }
             // A hard link's later names point at its first, already read.
             tar::EntryType::Link => {
                 let first = PathBuf::from(OsStr::from_bytes(
                     &e.link_name_bytes().expect("a link target"),
                 ));
-                let first = first.strip_prefix(".").map(Path::to_path_buf).unwrap_or(first);
+                let first = first
+                    .strip_prefix(".")
+                    .map(Path::to_path_buf)
+                    .unwrap_or(first);
                 match got.get(&first) {
                     Some(Want::File(n)) => Want::File(*n),
                     other => panic!("hard link to {first:?}, which is {other:?}"),
@@ -203,7 +212,10 @@ fuzz_target!(|data: &[u8]| {
             }
             _ => Want::Other,
         };
-        let path = path.strip_prefix(".").map(Path::to_path_buf).unwrap_or(path);
+        let path = path
+            .strip_prefix(".")
+            .map(Path::to_path_buf)
+            .unwrap_or(path);
         if path.as_os_str().is_empty() {
             continue;
         }

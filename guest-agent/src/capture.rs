@@ -70,6 +70,9 @@ pub fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// The ustar header's link name field.
+const LINK_FIELD: usize = 100;
+
 fn header_for(m: &fs::Metadata, ty: EntryType, size: u64) -> Header {
     let mut h = Header::new_gnu();
     h.set_entry_type(ty);
@@ -139,12 +142,24 @@ impl<W: Write> Walk<W> {
         } else {
             rel.to_path_buf()
         };
-        let x = xattrs(path);
-        if !x.is_empty() {
-            let recs: Vec<(String, Vec<u8>)> = x
-                .into_iter()
-                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
-                .collect();
+        let mut recs: Vec<(String, Vec<u8>)> = xattrs(path)
+            .into_iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
+            .collect();
+        // A symlink's target byte for byte (the tar crate's own link writer normalises it:
+        // `/` became `//`, `a//b` `a/b`); one longer than the header's field goes in the PAX
+        // record, which GNU tar and BusyBox read.
+        let target = if ft.is_symlink() {
+            let t = fs::read_link(path).unwrap_or_default();
+            let bytes = t.as_os_str().as_bytes().to_vec();
+            if bytes.len() > LINK_FIELD {
+                recs.push(("linkpath".into(), bytes.clone()));
+            }
+            Some(bytes)
+        } else {
+            None
+        };
+        if !recs.is_empty() {
             append_pax(&mut self.tar, &name, &m, &recs)?;
         }
         if ft.is_dir() {
@@ -158,10 +173,10 @@ impl<W: Write> Walk<W> {
             for k in kids {
                 self.entry(&path.join(&k), &rel.join(&k))?;
             }
-        } else if ft.is_symlink() {
-            let target = fs::read_link(path).unwrap_or_default();
+        } else if let Some(target) = target {
             let mut h = header_for(&m, EntryType::Symlink, 0);
-            self.tar.append_link(&mut h, &name, &target)?;
+            h.set_link_name_literal(&target[..target.len().min(LINK_FIELD)])?;
+            self.tar.append_data(&mut h, &name, io::empty())?;
         } else if ft.is_file() {
             if m.nlink() > 1 {
                 if let Some(first) = self.links.get(&(m.dev(), m.ino())) {

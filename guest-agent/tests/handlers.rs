@@ -321,6 +321,18 @@ fn exec_streams_statuses_stdin_and_start_failures() {
     c.finish();
 }
 
+/// The capture's tar, whole.
+fn capture(cfg: &Config) -> Vec<u8> {
+    let mut c = Conn::open(cfg, &Request::Capture);
+    let mut tar = Vec::new();
+    let mut buf = Vec::new();
+    DataReader::new(&mut c.s, &mut buf)
+        .copy_to(&mut tar)
+        .unwrap();
+    c.finish();
+    tar
+}
+
 #[test]
 fn capture_streams_the_upper_as_a_tar_and_says_when_there_is_none() {
     let dir = tempfile::tempdir().unwrap();
@@ -335,13 +347,7 @@ fn capture_streams_the_upper_as_a_tar_and_says_when_there_is_none() {
     std::fs::write(upper.join("etc/hostname"), b"box\n").unwrap();
     std::fs::hard_link(upper.join("etc/hostname"), upper.join("etc/again")).unwrap();
     std::os::unix::fs::symlink("hostname", upper.join("etc/link")).unwrap();
-    let mut c = Conn::open(&cfg, &Request::Capture);
-    let mut tar = Vec::new();
-    let mut buf = Vec::new();
-    DataReader::new(&mut c.s, &mut buf)
-        .copy_to(&mut tar)
-        .unwrap();
-    c.finish();
+    let tar = capture(&cfg);
     let mut seen = Vec::new();
     for e in tar::Archive::new(tar.as_slice()).entries().unwrap() {
         let e = e.unwrap();
@@ -356,6 +362,57 @@ fn capture_streams_the_upper_as_a_tar_and_says_when_there_is_none() {
     assert!(has("etc/again", tar::EntryType::Regular), "{seen:?}");
     assert!(has("etc/hostname", tar::EntryType::Link), "{seen:?}");
     assert!(has("etc/link", tar::EntryType::Symlink), "{seen:?}");
+}
+
+/// Found by the capture_writer fuzz target: the tar crate's link writer rewrote a symlink to
+/// `/` as `//` (and would fold `a//b/` to `a/b`). Targets go into the capture byte for byte,
+/// a long one through a PAX `linkpath` record that GNU tar restores.
+#[test]
+fn capture_keeps_symlink_targets_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let upper = dir.path().join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    let long = format!("{}/end", "d".repeat(150));
+    let targets = ["/", "a//b/", "./x", "..", long.as_str()];
+    for (i, t) in targets.iter().enumerate() {
+        std::os::unix::fs::symlink(t, upper.join(format!("l{i}"))).unwrap();
+    }
+    let tar = capture(&cfg);
+    let mut got = Vec::new();
+    for e in tar::Archive::new(tar.as_slice()).entries().unwrap() {
+        let e = e.unwrap();
+        if e.header().entry_type() == tar::EntryType::Symlink {
+            let p = e.path().unwrap().to_string_lossy().into_owned();
+            let t = e.link_name_bytes().unwrap().into_owned();
+            got.push((p, String::from_utf8(t).unwrap()));
+        }
+    }
+    got.sort();
+    let want: Vec<(String, String)> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("l{i}"), t.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    // GNU tar reads the same.
+    let t = dir.path().join("c.tar");
+    std::fs::write(&t, &tar).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let ok = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&t)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "GNU tar extracts the capture");
+    for (i, want) in targets.iter().enumerate() {
+        let got = std::fs::read_link(out.join(format!("l{i}"))).unwrap();
+        assert_eq!(got.to_str().unwrap(), *want);
+    }
 }
 
 #[test]
