@@ -323,14 +323,18 @@ fn exec_streams_statuses_stdin_and_start_failures() {
 
 /// The capture's tar, whole.
 fn capture(cfg: &Config) -> Vec<u8> {
-    let mut c = Conn::open(cfg, &Request::Capture);
-    let mut tar = Vec::new();
+    drain(Conn::open(cfg, &Request::Capture))
+}
+
+/// Everything a connection streams back (DATA… EOF), then its end.
+fn drain(mut c: Conn) -> Vec<u8> {
+    let mut out = Vec::new();
     let mut buf = Vec::new();
     DataReader::new(&mut c.s, &mut buf)
-        .copy_to(&mut tar)
+        .copy_to(&mut out)
         .unwrap();
     c.finish();
-    tar
+    out
 }
 
 #[test]
@@ -453,18 +457,12 @@ fn archives_go_out_and_come_back_in() {
     std::fs::write(dir.path().join("src/sub/b.txt"), b"bb").unwrap();
     std::os::unix::fs::symlink("a.txt", dir.path().join("src/link")).unwrap();
 
-    let mut c = Conn::open(
+    let tar = drain(Conn::open(
         &cfg,
         &Request::ArchiveOut {
             path: "/src".into(),
         },
-    );
-    let mut tar = Vec::new();
-    let mut buf = Vec::new();
-    DataReader::new(&mut c.s, &mut buf)
-        .copy_to(&mut tar)
-        .unwrap();
-    c.finish();
+    ));
 
     // Back in, under another directory: the tree arrives whole, the link as a link.
     let mut c = Conn::open(
