@@ -14,14 +14,22 @@ fn boot_budget() -> std::time::Duration {
     Budget::new("a VM to boot to its agent", 60, 240).limit()
 }
 
-fn vmrun_processes() -> usize {
+/// Processes named `comm`.
+fn processes(comm: &str) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "vmrun")
-        })
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm))
         .count()
+}
+
+/// VMM processes (a jail's supervisor has a name of its own).
+fn vmrun_processes() -> usize {
+    processes("vmrun")
+}
+
+fn supervisors() -> usize {
+    processes(&vmrun::jail::SUPERVISOR_NAME.to_string_lossy())
 }
 
 fn vmrun_temp_dirs() -> Vec<String> {
@@ -35,6 +43,7 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
         return;
     };
     let procs_before = vmrun_processes();
+    let supervisors_before = supervisors();
     let temps_before = vmrun_temp_dirs();
     let t0 = Instant::now();
     // Booted one after the other (two booting guests on two host cores starve each other where
@@ -145,6 +154,7 @@ fn two_vms_concurrent_execs_capture_and_a_clean_drop() {
     drop(a);
     drop(b);
     assert_eq!(vmrun_processes(), procs_before, "no VMM process left");
+    assert_eq!(supervisors(), supervisors_before, "no jail supervisor left");
     assert_eq!(
         vmrun_temp_dirs(),
         temps_before,

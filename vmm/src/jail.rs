@@ -28,6 +28,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use thiserror::Error;
 
+/// The supervisor's process name.
+pub const SUPERVISOR_NAME: &std::ffi::CStr = c"vmrun-jail";
 /// Where fresh per-VM uids and gids start: far above login and system users.
 pub const FRESH_ID_BASE: u32 = 1_000_000_000;
 /// What a VM's cgroup allows beyond guest memory: the VMM's own heap and buffers, and the
@@ -129,7 +131,6 @@ pub struct Spec {
     pub binds: Vec<Bind>,
     /// Default: a fresh uid and gid for this VM, [`FRESH_ID_BASE`] + the supervisor's pid.
     pub user: Option<User>,
-    pub vcpus: u8,
     pub limits: Limits,
     /// The process the VM must not outlive (the library's), checked by the supervisor.
     pub owner: Option<i32>,
@@ -216,6 +217,8 @@ pub fn enter(spec: &Spec) -> Result<Jailed, JailError> {
     match unsafe { fork() }.map_err(sys("fork"))? {
         ForkResult::Parent { child } => {
             drop(go_rx);
+            // Told apart from the VMM in `ps` (its comm stays `vmrun`).
+            let _ = nix::sys::prctl::set_name(SUPERVISOR_NAME);
             let user = spec.user.unwrap_or_else(|| fresh_user(std::process::id()));
             let joined = cgroup.and_then(|c| c.join(child).map(|()| c));
             // The child learns its user and whether its cgroup holds it, then goes on.

@@ -76,6 +76,9 @@ pub enum VmError {
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A running VM.
+/// How long a VMM (or its jail's supervisor) has to end on SIGTERM before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
 pub struct Vm {
     paths: VmPaths,
     /// The VMM process, when this process started it.
@@ -493,7 +496,17 @@ impl Vm {
         let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(child) = c.as_mut() {
             if let Ok(None) = child.try_wait() {
-                let _ = child.kill();
+                // SIGTERM first: a jail's supervisor then kills its VMM, reaps it and removes
+                // its cgroup (a SIGKILL would orphan the VMM to init); SIGKILL if it lingers.
+                // SAFETY: kill(2) on the child this process started and has not reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                let t = Instant::now();
+                while matches!(child.try_wait(), Ok(None)) && t.elapsed() < TERM_GRACE {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if let Ok(None) = child.try_wait() {
+                    let _ = child.kill();
+                }
             }
             let _ = child.wait();
         } else if self.paths.alive() {

@@ -241,7 +241,6 @@ fn jail_spec(
             uid: u.uid,
             gid: u.gid,
         }),
-        vcpus: cfg.vcpus,
         limits: jail::Limits {
             memory: Some((cfg.mem_mib + jail::MEMORY_OVERHEAD_MIB) << 20),
             cpu_percent: opts.cpu_quota,
