@@ -446,12 +446,22 @@ impl Vm {
         let name = path
             .file_name()
             .map_or_else(|| "capture".into(), |n| n.to_string_lossy().into_owned());
+        // Absolute, and recorded in the VM's directory before the file exists: a launcher
+        // killed at any moment leaves a name the next `vmrun` run finds and removes.
+        let dir = std::path::absolute(&dir).map_err(host("capture directory"))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}."))
             .suffix(".partial")
-            .tempfile_in(&dir)
+            .make_in(&dir, |p| {
+                self.paths.add_partial(p);
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(p)
+            })
             .map_err(host("capture file"))?;
-        self.paths.add_partial(tmp.path());
         let result = (|| {
             let mut w = std::io::BufWriter::new(tmp.as_file());
             let n = self.capture_overlay(&mut w)?;
