@@ -127,7 +127,12 @@ impl Report {
                 );
             }
             Err(e) => {
-                let _ = writeln!(o, "--  jail: {e}; VMMs run without it here");
+                let consequence = if self.root {
+                    "VMs start here only with --no-jail"
+                } else {
+                    "VMs run without it"
+                };
+                let _ = writeln!(o, "--  jail: {e}; {consequence}");
             }
         }
         o.push_str("images (");
