@@ -524,12 +524,7 @@ impl Cgroup {
     fn prepare(name: &str, limits: &Limits) -> Result<Cgroup, String> {
         let mount = cgroup2_mount()
             .ok_or_else(|| "this host has no cgroup v2 hierarchy mounted".to_string())?;
-        let controllers = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
-        let have: Vec<&str> = controllers.split_whitespace().collect();
-        let missing: Vec<&str> = ["memory", "cpu"]
-            .into_iter()
-            .filter(|c| !have.contains(c))
-            .collect();
+        let missing = missing_controllers(&mount);
         if !missing.is_empty() {
             return Err(format!(
                 "the cgroup v2 hierarchy at {} has no {} controller (on this host they belong to cgroup v1)",
@@ -617,9 +612,19 @@ pub fn remove_stale_cgroup(name: &str) {
 /// and cpu controllers (`None` elsewhere: VMs there run without cgroup limits).
 pub fn cgroup_of(name: &str) -> Option<PathBuf> {
     let m = cgroup2_mount()?;
-    let c = fs::read_to_string(m.join("cgroup.controllers")).ok()?;
+    missing_controllers(&m)
+        .is_empty()
+        .then(|| m.join("vmrun").join(name))
+}
+
+/// Which of the controllers a VM's limits need the cgroup v2 hierarchy at `mount` lacks.
+fn missing_controllers(mount: &Path) -> Vec<&'static str> {
+    let c = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
     let have: Vec<&str> = c.split_whitespace().collect();
-    (have.contains(&"memory") && have.contains(&"cpu")).then(|| m.join("vmrun").join(name))
+    ["memory", "cpu"]
+        .into_iter()
+        .filter(|n| !have.contains(n))
+        .collect()
 }
 
 /// The names of the VM cgroups on this host, for the runtime directory's sweep.
@@ -668,9 +673,7 @@ pub fn cgroup_report() -> String {
     match cgroup2_mount() {
         None => "no cgroup v2 hierarchy: VMs run without memory and CPU limits".to_string(),
         Some(m) => {
-            let c = fs::read_to_string(m.join("cgroup.controllers")).unwrap_or_default();
-            let have: Vec<&str> = c.split_whitespace().collect();
-            if have.contains(&"memory") && have.contains(&"cpu") {
+            if missing_controllers(&m).is_empty() {
                 format!(
                     "cgroup v2 at {} (memory.max = guest memory + {MEMORY_OVERHEAD_MIB} MiB; --cpu-quota)",
                     m.display()

@@ -228,15 +228,6 @@ pub fn info_from(opts: &VmOptions, src: &Sources) -> Result<SnapshotInfo, Snapsh
     })
 }
 
-/// Copies a disk upper layer into the snapshot (reflinked where the filesystem can).
-pub fn save_upper(opts: &VmOptions, dir: &Path) -> Result<(), SnapshotUseError> {
-    if let Some(Overlay::Disk { path, .. }) = &opts.overlay {
-        let dst = dir.join(UPPER_FILE);
-        copy_file(path, &dst)?;
-    }
-    Ok(())
-}
-
 /// Copies the disk upper layer `src` opened into `dst` (an empty file opened for it; `dst_path`
 /// names it in errors), with copy_file_range: reflinked or copied in the kernel.
 pub fn copy_upper(
@@ -369,7 +360,9 @@ mod tests {
         std::fs::create_dir(&snapdir).unwrap();
         let info = info_for(&opts).unwrap();
         assert_eq!(info.images.len(), 3);
-        save_upper(&opts, &snapdir).unwrap();
+        let upper = snapdir.join(UPPER_FILE);
+        let dst = std::fs::File::create(&upper).unwrap();
+        copy_upper(&Sources::open(&opts).unwrap(), &dst, &upper).unwrap();
         let snap = Snapshot {
             dir: snapdir.clone(),
             info,
