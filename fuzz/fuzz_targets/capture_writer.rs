@@ -161,13 +161,12 @@ fuzz_target!(|data: &[u8]| {
     let writer = std::thread::spawn(move || vmrun_agent::capture::run(&mut theirs, &cfg));
     let mut buf = Vec::new();
     let mut tar_bytes = Vec::new();
-    DataReader::new(&mut ours, &mut buf)
-        .read_to_end(&mut tar_bytes)
-        .expect("the capture stream is well formed");
-    writer
-        .join()
-        .unwrap()
-        .expect("a capture of any tree succeeds");
+    let streamed = DataReader::new(&mut ours, &mut buf).read_to_end(&mut tar_bytes);
+    let wrote = writer.join().unwrap();
+    if let Err(e) = wrote {
+        panic!("a capture of any tree succeeds, but: {e} ({e:?}); the stream: {streamed:?}");
+    }
+    streamed.expect("the capture stream is well formed");
 
     let mut got = BTreeMap::new();
     let mut ar = tar::Archive::new(&tar_bytes[..]);

@@ -5,7 +5,7 @@
 //! cut or zero-padded to the size recorded, so the tar stays valid.
 
 use std::collections::HashMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -70,9 +70,6 @@ pub fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// The ustar header's link name field.
-const LINK_FIELD: usize = 100;
-
 fn header_for(m: &fs::Metadata, ty: EntryType, size: u64) -> Header {
     let mut h = Header::new_gnu();
     h.set_entry_type(ty);
@@ -125,12 +122,61 @@ fn append_pax<W: Write>(
     tar.append(&h, data.as_slice())
 }
 
+/// A GNU long-name or long-link entry: `value` and a NUL, for the entry that follows.
+fn append_long<W: Write>(tar: &mut Builder<W>, ty: EntryType, value: &[u8]) -> io::Result<()> {
+    let mut h = Header::new_gnu();
+    h.set_path("././@LongLink")?;
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(value.len() as u64 + 1);
+    h.set_entry_type(ty);
+    h.set_cksum();
+    tar.append(&h, value.chain(&[0u8][..]))
+}
+
 struct Walk<W: Write> {
     tar: Builder<W>,
     links: HashMap<(u64, u64), PathBuf>,
 }
 
 impl<W: Write> Walk<W> {
+    /// One entry, its name and link target written byte for byte. The tar crate's own
+    /// writers normalise a link target (`/` became `//`, `a//b` `a/b`) and fail on a long
+    /// name that starts with bytes that are not UTF-8; here a name or target longer than its
+    /// 100-byte header field goes first in a GNU long-name (`L`) or long-link (`K`) entry, and
+    /// the field keeps its first 100 bytes. Not in a PAX `path` record: the tar crate's reader
+    /// splits PAX records at newlines, which names may hold (both are found by fuzzing).
+    fn emit(
+        &mut self,
+        mut h: Header,
+        name: &[u8],
+        link: Option<&[u8]>,
+        m: &fs::Metadata,
+        recs: Vec<(String, Vec<u8>)>,
+        data: impl Read,
+    ) -> io::Result<()> {
+        let old = h.as_old_mut();
+        if name.len() > old.name.len() {
+            append_long(&mut self.tar, EntryType::GNULongName, name)?;
+        }
+        let n = name.len().min(old.name.len());
+        old.name[..n].copy_from_slice(&name[..n]);
+        if let Some(link) = link {
+            if link.len() > old.linkname.len() {
+                append_long(&mut self.tar, EntryType::GNULongLink, link)?;
+            }
+            let n = link.len().min(old.linkname.len());
+            old.linkname[..n].copy_from_slice(&link[..n]);
+        }
+        if !recs.is_empty() {
+            append_pax(&mut self.tar, Path::new(OsStr::from_bytes(name)), m, &recs)?;
+        }
+        h.set_cksum();
+        self.tar.append(&h, data)
+    }
+
     fn entry(&mut self, path: &Path, rel: &Path) -> io::Result<()> {
         let m = match fs::symlink_metadata(path) {
             Ok(m) => m,
@@ -142,29 +188,20 @@ impl<W: Write> Walk<W> {
         } else {
             rel.to_path_buf()
         };
-        let mut recs: Vec<(String, Vec<u8>)> = xattrs(path)
+        let recs: Vec<(String, Vec<u8>)> = xattrs(path)
             .into_iter()
             .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v))
             .collect();
-        // A symlink's target byte for byte (the tar crate's own link writer normalises it:
-        // `/` became `//`, `a//b` `a/b`); one longer than the header's field goes in the PAX
-        // record, which GNU tar and BusyBox read.
         let target = if ft.is_symlink() {
             let t = fs::read_link(path).unwrap_or_default();
-            let bytes = t.as_os_str().as_bytes().to_vec();
-            if bytes.len() > LINK_FIELD {
-                recs.push(("linkpath".into(), bytes.clone()));
-            }
-            Some(bytes)
+            Some(t.as_os_str().as_bytes().to_vec())
         } else {
             None
         };
-        if !recs.is_empty() {
-            append_pax(&mut self.tar, &name, &m, &recs)?;
-        }
+        let name_bytes = name.as_os_str().as_bytes();
         if ft.is_dir() {
-            let mut h = header_for(&m, EntryType::Directory, 0);
-            self.tar.append_data(&mut h, &name, io::empty())?;
+            let h = header_for(&m, EntryType::Directory, 0);
+            self.emit(h, name_bytes, None, &m, recs, io::empty())?;
             let mut kids: Vec<_> = match fs::read_dir(path) {
                 Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name()).collect(),
                 Err(_) => return Ok(()),
@@ -174,15 +211,15 @@ impl<W: Write> Walk<W> {
                 self.entry(&path.join(&k), &rel.join(&k))?;
             }
         } else if let Some(target) = target {
-            let mut h = header_for(&m, EntryType::Symlink, 0);
-            h.set_link_name_literal(&target[..target.len().min(LINK_FIELD)])?;
-            self.tar.append_data(&mut h, &name, io::empty())?;
+            let h = header_for(&m, EntryType::Symlink, 0);
+            self.emit(h, name_bytes, Some(&target), &m, recs, io::empty())?;
         } else if ft.is_file() {
             if m.nlink() > 1 {
                 if let Some(first) = self.links.get(&(m.dev(), m.ino())) {
-                    let mut h = header_for(&m, EntryType::Link, 0);
+                    let h = header_for(&m, EntryType::Link, 0);
                     let first = first.clone();
-                    return self.tar.append_link(&mut h, &name, &first);
+                    let first = first.as_os_str().as_bytes();
+                    return self.emit(h, name_bytes, Some(first), &m, recs, io::empty());
                 }
                 self.links.insert((m.dev(), m.ino()), name.clone());
             }
@@ -190,15 +227,12 @@ impl<W: Write> Walk<W> {
                 Ok(f) => f,
                 Err(_) => return Ok(()),
             };
-            let mut h = header_for(&m, EntryType::Regular, m.len());
-            self.tar.append_data(
-                &mut h,
-                &name,
-                Sized {
-                    inner: f,
-                    left: m.len(),
-                },
-            )?;
+            let h = header_for(&m, EntryType::Regular, m.len());
+            let data = Sized {
+                inner: f,
+                left: m.len(),
+            };
+            self.emit(h, name_bytes, None, &m, recs, data)?;
         } else if ft.is_char_device() || ft.is_block_device() {
             // Whiteouts are char 0/0.
             let ty = if ft.is_char_device() {
@@ -210,10 +244,10 @@ impl<W: Write> Walk<W> {
             let rdev = m.rdev();
             h.set_device_major(libc::major(rdev))?;
             h.set_device_minor(libc::minor(rdev))?;
-            self.tar.append_data(&mut h, &name, io::empty())?;
+            self.emit(h, name_bytes, None, &m, recs, io::empty())?;
         } else if ft.is_fifo() {
-            let mut h = header_for(&m, EntryType::Fifo, 0);
-            self.tar.append_data(&mut h, &name, io::empty())?;
+            let h = header_for(&m, EntryType::Fifo, 0);
+            self.emit(h, name_bytes, None, &m, recs, io::empty())?;
         }
         // Sockets are not archivable; they are skipped.
         Ok(())

@@ -419,6 +419,76 @@ fn capture_keeps_symlink_targets_byte_for_byte() {
     }
 }
 
+/// Found by the capture_writer fuzz target: a name over 100 bytes that starts with bytes that
+/// are not UTF-8 failed the whole capture (the tar crate's long-name writer cut it to its
+/// valid UTF-8 prefix, which was empty), and a long name with a newline came back cut (the tar
+/// crate's reader splits PAX records at newlines). Names and hard-link targets go in byte for
+/// byte, long ones through GNU long-name/long-link entries that the tar crate and GNU tar read.
+#[test]
+fn capture_keeps_long_names_that_are_not_utf8() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let upper = dir.path().join("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    let mut long = vec![0xba, 0xc6, b'@', 0x01, 0xc1];
+    long.extend(std::iter::repeat_n(b'F', 120));
+    long.extend_from_slice(b"\nand a newline\n");
+    let mut exact = vec![0xff];
+    exact.extend(std::iter::repeat_n(b'e', 99));
+    let mut link = long.clone();
+    link.extend_from_slice(b".link");
+    let names = [long.clone(), exact.clone(), link.clone()];
+    std::fs::write(upper.join(OsStr::from_bytes(&long)), b"first").unwrap();
+    std::fs::write(upper.join(OsStr::from_bytes(&exact)), b"exactly 100").unwrap();
+    std::fs::hard_link(
+        upper.join(OsStr::from_bytes(&long)),
+        upper.join(OsStr::from_bytes(&link)),
+    )
+    .unwrap();
+    let tar = capture(&cfg);
+    let mut got = Vec::new();
+    for e in tar::Archive::new(tar.as_slice()).entries().unwrap() {
+        let e = e.unwrap();
+        let p = e.path_bytes().into_owned();
+        let l = e.link_name_bytes().map(|l| l.into_owned());
+        got.push((p, e.header().entry_type(), l));
+    }
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    for n in &names {
+        assert!(got.iter().any(|g| &g.0 == n), "{n:?} is in {got:?}");
+    }
+    let hard = got.iter().find(|g| g.0 == link || g.0 == long).unwrap();
+    let other = got
+        .iter()
+        .find(|g| (g.0 == link || g.0 == long) && g.0 != hard.0)
+        .unwrap();
+    assert_eq!(other.1, tar::EntryType::Link, "{got:?}");
+    assert_eq!(other.2.as_deref(), Some(hard.0.as_slice()));
+    // GNU tar restores the same names, the hard link included.
+    let t = dir.path().join("c.tar");
+    std::fs::write(&t, &tar).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let ok = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&t)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "GNU tar extracts the capture");
+    for n in &names {
+        assert!(out.join(OsStr::from_bytes(n)).is_file(), "{n:?} restored");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(out.join(OsStr::from_bytes(&long))).unwrap();
+    let b = std::fs::metadata(out.join(OsStr::from_bytes(&link))).unwrap();
+    assert_eq!(a.ino(), b.ino(), "the hard link is restored as one");
+}
+
 #[test]
 fn bad_handshakes_are_errors_and_shutdown_ends_the_server() {
     let dir = tempfile::tempdir().unwrap();
