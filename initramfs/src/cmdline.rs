@@ -6,6 +6,10 @@
 //!   detected from the superblock); `ro` / `rw` for the root when no overlay is used.
 //! - `root.overlay=tmpfs` or `root.overlay=/dev/vdX`: the upper layer; `root.overlaysize=N[kmg]`
 //!   or `N%` (tmpfs only); `root.overlayfstype=ext4` (block device only, default ext4).
+//! - `root.layers=DEV[,DEV…]`: read-only layers stacked above the root device, bottom first
+//!   (vmrun attaches each `--layer` as a disk); filesystem detected as for the root. With
+//!   `root.overlay=` they sit between the root and the upper; without it the stack is a
+//!   read-only overlay.
 //! - `vmrun.exec=CMD` the workload to run in the new root (split on spaces; single quotes group
 //!   words), until the agent runs there; `vmrun.wait=SECONDS` how long to wait for block devices
 //!   (default 10, at most 600).
@@ -34,6 +38,8 @@ pub struct Config {
     pub rootfstype: Option<String>,
     pub rw: bool,
     pub overlay: Option<Overlay>,
+    /// Read-only layer devices above the root, bottom first.
+    pub layers: Vec<String>,
     pub exec: Option<Vec<String>>,
     pub device_wait: Duration,
 }
@@ -43,6 +49,8 @@ pub const DEFAULT_ROOT: &str = "/dev/vda";
 pub const NO_ROOT: &str = "none";
 pub const DEFAULT_UPPER_FSTYPE: &str = "ext4";
 const DEFAULT_WAIT_SECS: u64 = 10;
+/// More than the host attaches (8); overlayfs itself takes hundreds.
+pub const MAX_LAYERS: usize = 16;
 const MAX_WAIT_SECS: u64 = 600;
 
 /// Splits a command line into (key, value) words the way the kernel does: whitespace separates
@@ -140,6 +148,7 @@ pub fn parse(line: &str) -> Result<Config, Failure> {
     let mut upper_fstype = None;
     let mut exec = None;
     let mut wait = None;
+    let mut layers = None;
     for (key, value) in words(line) {
         match (key.as_str(), value) {
             ("ro", None) => rw = false,
@@ -149,6 +158,7 @@ pub fn parse(line: &str) -> Result<Config, Failure> {
             ("root.overlay", Some(v)) => overlay = Some(v),
             ("root.overlaysize", Some(v)) => size = Some(v),
             ("root.overlayfstype", Some(v)) => upper_fstype = Some(v),
+            ("root.layers", Some(v)) => layers = Some(v),
             ("vmrun.exec", Some(v)) => exec = Some(v),
             ("vmrun.wait", Some(v)) => wait = Some(v),
             _ => {}
@@ -235,6 +245,36 @@ pub fn parse(line: &str) -> Result<Config, Failure> {
             ))
         }
     };
+    let layers: Vec<String> = match &layers {
+        None => vec![],
+        Some(v) => {
+            let list: Vec<String> = v.split(',').map(str::to_string).collect();
+            if root == NO_ROOT {
+                return Err(bad("root.layers", v, "layers need a root device to stack on; drop root.layers= or give root=/dev/vdX"));
+            }
+            if list.len() > MAX_LAYERS {
+                return Err(bad(
+                    "root.layers",
+                    v,
+                    format!("more than {MAX_LAYERS} layers"),
+                ));
+            }
+            for d in &list {
+                if !d.starts_with("/dev/") || d.len() <= 5 || d.contains(char::is_whitespace) {
+                    return Err(bad("root.layers", v, format!("{d:?} is not a device path; list block devices such as /dev/vdc,/dev/vdd")));
+                }
+                let upper = matches!(&overlay, Some(Overlay::Device { path, .. }) if path == d);
+                if *d == root || upper || list.iter().filter(|x| *x == d).count() > 1 {
+                    return Err(bad(
+                        "root.layers",
+                        v,
+                        format!("{d} is used twice (as the root, the upper or another layer)"),
+                    ));
+                }
+            }
+            list
+        }
+    };
     let exec = match exec {
         None => None,
         Some(e) => Some(split_command(&e).map_err(|why| bad("vmrun.exec", &e, why))?),
@@ -257,6 +297,7 @@ pub fn parse(line: &str) -> Result<Config, Failure> {
         rootfstype,
         rw,
         overlay,
+        layers,
         exec,
         device_wait,
     })
@@ -338,6 +379,30 @@ mod tests {
         assert_eq!(c.overlay, Some(Overlay::Tmpfs { size: None }));
         assert!(!c.rw);
         assert_eq!(c.root, "/dev/vdy");
+    }
+
+    #[test]
+    fn layers_are_a_bottom_first_device_list() {
+        let c = parse("root.overlay=tmpfs root.layers=/dev/vdb,/dev/vdc").unwrap();
+        assert_eq!(c.layers, vec!["/dev/vdb", "/dev/vdc"]);
+        assert!(parse("").unwrap().layers.is_empty());
+        for (line, want) in [
+            ("root.layers=/dev/vda", "used twice"),
+            ("root.overlay=/dev/vdb root.layers=/dev/vdb", "used twice"),
+            ("root.layers=/dev/vdb,/dev/vdb", "used twice"),
+            ("root.layers=/dev/vdb,,/dev/vdc", "not a device path"),
+            ("root.layers=vdb", "not a device path"),
+            ("root=none root.layers=/dev/vdb", "need a root device"),
+        ] {
+            let e = err(line);
+            assert!(
+                e.contains("root.layers=") && e.contains(want),
+                "{line}: {e}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_LAYERS).map(|i| format!("/dev/vd{i}")).collect();
+        let e = err(&format!("root.layers={}", many.join(",")));
+        assert!(e.contains("more than 16 layers"), "{e}");
     }
 
     #[test]

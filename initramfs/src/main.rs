@@ -75,9 +75,17 @@ fn run() -> Result<Status, Failure> {
     if cfg.root != NO_ROOT {
         let root = plan::build_root(&cfg, Path::new("/"))?;
         plan::switch_root(&root.path)?;
+        let layers = match cfg.layers.len() {
+            0 => String::new(),
+            n => format!(", {n} read-only layer{}", if n == 1 { "" } else { "s" }),
+        };
         match &root.upper_fstype {
             Some(t) => println!(
-                "{OVERLAY_ROOT} {} lower ({}), {t} upper",
+                "{OVERLAY_ROOT} {} lower ({}){layers}, {t} upper",
+                cfg.root, root.lower_fstype
+            ),
+            None if !layers.is_empty() => println!(
+                "{DIRECT_ROOT} {} ({}){layers}, no upper (read-only)",
                 cfg.root, root.lower_fstype
             ),
             None => println!(

@@ -20,6 +20,7 @@ use crate::Failure;
 pub const NEWROOT: &str = "newroot";
 const STAGE_LOWER: &str = "lower";
 const STAGE_UPPERFS: &str = "upperfs";
+const STAGE_LAYERS: &str = "layers";
 /// Mountpoints inside the new root (created in the image at build time).
 pub const LOWER_IN_ROOT: &str = ".overlayfs/lower";
 pub const UPPERFS_IN_ROOT: &str = ".overlayfs/upperfs";
@@ -123,22 +124,36 @@ fn errno_text(e: Errno) -> String {
 /// Mounts the lower image read-only at `target`. ext4 gets `noload` so its journal is never
 /// replayed and the image stays byte-identical.
 fn mount_lower(cfg: &Config, target: &Path) -> Result<String, Failure> {
-    wait_for_device(
+    mount_ro(
+        cfg,
         &cfg.root,
-        cfg.device_wait,
+        cfg.rootfstype.as_deref(),
+        target,
         "root",
         "attach the rootfs image as the first disk or fix root=",
-    )?;
-    let fstype = match &cfg.rootfstype {
+    )
+}
+
+/// Mounts `dev` read-only at `target` (`fstype` detected when not given).
+fn mount_ro(
+    cfg: &Config,
+    dev: &str,
+    fstype: Option<&str>,
+    target: &Path,
+    role: &str,
+    fix: &str,
+) -> Result<String, Failure> {
+    wait_for_device(dev, cfg.device_wait, role, fix)?;
+    let fstype = match fstype {
         Some(t) => {
             require_fstype(t, "rootfstype")?;
-            t.clone()
+            t.to_string()
         }
-        None => detect_fstype(&cfg.root)?.to_string(),
+        None => detect_fstype(dev)?.to_string(),
     };
     let data = (fstype == "ext4").then_some("noload");
     mount(
-        Some(cfg.root.as_str()),
+        Some(dev),
         target,
         Some(fstype.as_str()),
         MsFlags::MS_RDONLY,
@@ -147,11 +162,37 @@ fn mount_lower(cfg: &Config, target: &Path) -> Result<String, Failure> {
     .map_err(|e| {
         fail(
             InitError::Mount,
-            format!("mount root device {} ({fstype}) read-only", cfg.root),
-            format!("{}; check rootfstype= and the image", errno_text(e)),
+            format!("mount {role} device {dev} ({fstype}) read-only"),
+            format!(
+                "{}; check the image (and rootfstype= for the root)",
+                errno_text(e)
+            ),
         )
     })?;
     Ok(fstype)
+}
+
+/// Mounts the layers read-only under `base/layers/N`; the overlay's `lowerdir=` for the stack,
+/// top first, ending with `lower`. The layer mounts stay in the initramfs after the switch
+/// (the overlay holds them), so they add nothing to the root image or the upper layer.
+fn mount_layers(cfg: &Config, base: &Path, lower: &Path) -> Result<String, Failure> {
+    let mut dirs = Vec::new();
+    for (i, dev) in cfg.layers.iter().enumerate() {
+        let at = base.join(STAGE_LAYERS).join(i.to_string());
+        mkdir_all(&at)?;
+        mount_ro(
+            cfg,
+            dev,
+            None,
+            &at,
+            "layer",
+            "attach the layer's disk or fix root.layers=",
+        )?;
+        dirs.push(at.display().to_string());
+    }
+    dirs.reverse();
+    dirs.push(lower.display().to_string());
+    Ok(dirs.join(":"))
 }
 
 /// Mounts the upper filesystem at `target`; returns its type.
@@ -266,6 +307,34 @@ pub fn build_root(cfg: &Config, base: &Path) -> Result<NewRoot, Failure> {
     let newroot = base.join(NEWROOT);
     mkdir_all(&newroot)?;
     let (lower_fstype, upper_fstype) = match &cfg.overlay {
+        None if !cfg.layers.is_empty() => {
+            // The layers with no upper: a read-only overlay.
+            let lower = base.join(STAGE_LOWER);
+            mkdir_all(&lower)?;
+            let fstype = mount_lower(cfg, &lower)?;
+            let lowerdirs = mount_layers(cfg, base, &lower)?;
+            let data = format!("lowerdir={lowerdirs}");
+            mount(
+                Some("overlay"),
+                &newroot,
+                Some("overlay"),
+                MsFlags::MS_RDONLY,
+                Some(data.as_str()),
+            )
+            .map_err(|e| {
+                fail(
+                    InitError::Mount,
+                    "mount overlayfs (layers, no upper)",
+                    errno_text(e),
+                )
+            })?;
+            // The read-only root cannot gain a mountpoint; the image has one.
+            let mp = newroot.join(LOWER_IN_ROOT);
+            if mp.is_dir() {
+                move_mount(&lower, &mp)?;
+            }
+            (fstype, None)
+        }
         None => {
             let fstype = mount_lower(cfg, &newroot)?;
             if cfg.rw {
@@ -293,6 +362,7 @@ pub fn build_root(cfg: &Config, base: &Path) -> Result<NewRoot, Failure> {
             mkdir_all(&lower)?;
             mkdir_all(&upperfs)?;
             let lower_fstype = mount_lower(cfg, &lower)?;
+            let lowerdirs = mount_layers(cfg, base, &lower)?;
             let upper_fstype = mount_upper(cfg, overlay, &upperfs)?;
             let what = match overlay {
                 Overlay::Tmpfs { .. } => "(tmpfs)".to_string(),
@@ -300,8 +370,7 @@ pub fn build_root(cfg: &Config, base: &Path) -> Result<NewRoot, Failure> {
             };
             prepare_upper_dirs(&upperfs, &what)?;
             let data = format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower.display(),
+                "lowerdir={lowerdirs},upperdir={},workdir={}",
                 upperfs.join("upper").display(),
                 upperfs.join("work").display()
             );

@@ -464,3 +464,104 @@ fn each_error_case_yields_its_message() {
         "lower image unchanged after every error"
     );
 }
+
+/// `root.layers=`: an erofs layer holding a whiteout, an opaque directory and a new file sits
+/// between the root and the upper, and alone (no upper) makes a read-only stack.
+#[test]
+fn layers_stack_between_the_root_and_the_upper() {
+    if !can_run("layers_stack_between_the_root_and_the_upper") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let img = make_lower(work.path(), Kind::Erofs);
+    let layer_tree = work.path().join("layer");
+    fs::create_dir_all(layer_tree.join("data")).unwrap();
+    fs::create_dir_all(layer_tree.join("dir")).unwrap();
+    fs::write(layer_tree.join("dir/c.txt"), "c\n").unwrap();
+    fs::write(layer_tree.join("layer.txt"), "from the layer\n").unwrap();
+    let c = std::ffi::CString::new(layer_tree.join("data/gone.txt").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; a whiteout is char 0/0.
+    assert_eq!(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) }, 0);
+    let d = std::ffi::CString::new(layer_tree.join("dir").to_str().unwrap()).unwrap();
+    // SAFETY: NUL-terminated strings and a one-byte value.
+    let rc = unsafe {
+        libc::setxattr(
+            d.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0);
+    let layer_img = work.path().join("layer.erofs");
+    run(
+        "mkfs.erofs",
+        &[
+            "--quiet",
+            layer_img.to_str().unwrap(),
+            layer_tree.to_str().unwrap(),
+        ],
+    );
+    let (root_dev, layer_dev) = (Loop::attach(&img, true), Loop::attach(&layer_img, true));
+    let check = |root: &Path| {
+        assert_eq!(
+            fs::read_to_string(root.join("layer.txt")).unwrap(),
+            "from the layer\n"
+        );
+        assert!(
+            !root.join("data/gone.txt").exists(),
+            "the whiteout hides it"
+        );
+        assert!(root.join("data/keep.txt").exists());
+        assert!(
+            !root.join("dir/a.txt").exists() && !root.join("dir/sub").exists(),
+            "the opaque directory hides the root's"
+        );
+        assert_eq!(fs::read_to_string(root.join("dir/c.txt")).unwrap(), "c\n");
+    };
+    let (c1, b1) = (
+        format!(
+            "root={} root.layers={} vmrun.wait=2",
+            root_dev.0, layer_dev.0
+        ),
+        work.path().join("b1"),
+    );
+    in_private_ns(move || {
+        let root = boot(c1, b1).unwrap();
+        check(&root);
+        let e = fs::write(root.join("x"), "x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "no upper: read-only");
+    });
+    let (c2, b2) = (
+        format!(
+            "root={} root.layers={} root.overlay=tmpfs",
+            root_dev.0, layer_dev.0
+        ),
+        work.path().join("b2"),
+    );
+    in_private_ns(move || {
+        let root = boot(c2, b2).unwrap();
+        check(&root);
+        fs::write(root.join("layer.txt"), "changed\n").unwrap();
+        let upper = root.join(UPPERFS_IN_ROOT).join("upper");
+        assert_eq!(
+            fs::read_to_string(upper.join("layer.txt")).unwrap(),
+            "changed\n",
+            "a layer's file is copied up like the root's"
+        );
+    });
+    // A missing layer device: the error names it and the fix.
+    let (c3, b3) = (
+        format!(
+            "root={} root.layers=/dev/vdq root.overlay=tmpfs vmrun.wait=0",
+            root_dev.0
+        ),
+        work.path().join("b3"),
+    );
+    let e = in_private_ns(move || boot(c3, b3).unwrap_err().to_string());
+    assert!(
+        e.contains("layer device /dev/vdq") && e.contains("root.layers="),
+        "{e}"
+    );
+}

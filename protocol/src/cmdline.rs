@@ -4,6 +4,8 @@
 pub const ROOT_OVERLAY: &str = "root.overlay";
 pub const ROOT_OVERLAY_SIZE: &str = "root.overlaysize";
 pub const ROOT_OVERLAY_FSTYPE: &str = "root.overlayfstype";
+/// Read-only layer devices stacked above the root device, bottom first, comma-separated.
+pub const ROOT_LAYERS: &str = "root.layers";
 pub const EXEC: &str = "vmrun.exec";
 pub const WAIT: &str = "vmrun.wait";
 

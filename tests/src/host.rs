@@ -161,3 +161,53 @@ pub fn gnu_tar_extract(tar: &Path, dir: &Path) {
         .expect("GNU tar runs");
     assert!(st.success(), "GNU tar could not extract {}", tar.display());
 }
+
+/// Everything a user sees of a tree, path by path, without following symlinks or crossing into
+/// `skip` (top-level names such as `proc`): type, mode, owner, mtime, and a file's size and
+/// content hash or a symlink's target. Two views are equal when the trees look the same.
+pub fn tree_view(root: &Path, skip: &[&str]) -> std::collections::BTreeMap<String, String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        if skip.iter().any(|s| rel == *s) {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let t = m.file_type();
+        let what = if t.is_dir() {
+            let mut kids: Vec<_> = std::fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            kids.sort();
+            stack.extend(kids);
+            "dir".to_string()
+        } else if t.is_symlink() {
+            format!("link -> {}", std::fs::read_link(&p).unwrap().display())
+        } else if t.is_file() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(&p).unwrap().hash(&mut h);
+            format!("file {} {:016x}", m.len(), h.finish())
+        } else if t.is_fifo() {
+            "fifo".to_string()
+        } else if t.is_char_device() || t.is_block_device() {
+            format!("dev {:x}", m.rdev())
+        } else {
+            "socket".to_string()
+        };
+        out.insert(
+            rel,
+            format!(
+                "{what} mode {:o} owner {}:{} mtime {}",
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid(),
+                m.mtime()
+            ),
+        );
+    }
+    out
+}

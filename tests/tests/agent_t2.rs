@@ -50,6 +50,17 @@ fn with_agent<T: Send + 'static>(
     overlay_size: Option<&str>,
     f: impl FnOnce(&AgentClient, &Path) -> T + Send + 'static,
 ) -> T {
+    with_layers(img, &[], overlay_size, f)
+}
+
+/// [`with_agent`] with read-only layer images stacked above `img` (bottom first), as
+/// `root.layers=` stacks them in the guest.
+fn with_layers<T: Send + 'static>(
+    img: &Path,
+    layers: &[PathBuf],
+    overlay_size: Option<&str>,
+    f: impl FnOnce(&AgentClient, &Path) -> T + Send + 'static,
+) -> T {
     let work = tempfile::tempdir().unwrap();
     let sock = work.path().join("agent.sock");
     let base = work.path().join("base");
@@ -57,6 +68,11 @@ fn with_agent<T: Send + 'static>(
     let mut cmdline = format!("root={} root.overlay=tmpfs", dev.0);
     if let Some(s) = overlay_size {
         cmdline.push_str(&format!(" root.overlaysize={s}"));
+    }
+    let layer_devs: Vec<Loop> = layers.iter().map(|l| Loop::attach(l, true)).collect();
+    if !layer_devs.is_empty() {
+        let list: Vec<&str> = layer_devs.iter().map(|l| l.0.as_str()).collect();
+        cmdline.push_str(&format!(" root.layers={}", list.join(",")));
     }
     let result = in_private_ns(move || {
         let cfg = vmrun_init::cmdline::parse(&cmdline).unwrap();
@@ -77,6 +93,7 @@ fn with_agent<T: Send + 'static>(
         server.join().unwrap().unwrap();
         r
     });
+    drop(layer_devs);
     drop(dev);
     drop(work);
     result
@@ -838,4 +855,119 @@ fn a_gibibyte_streams_with_bounded_memory() {
         grew < 64 * 1024,
         "peak RSS grew by {grew} KiB while streaming 1 GiB"
     );
+}
+
+/// Issue 21's stack on the host: run 1 writes, deletes a lower file and replaces a directory,
+/// and is captured; the capture becomes a layer image (vmrun's own tar → erofs path) and run 2
+/// stacked on it sees exactly run 1's final tree, file by file; run 2's own capture holds only
+/// run 2's changes. A second layer on top of the first stacks in order.
+#[test]
+fn a_captured_upper_stacks_as_a_layer_and_the_next_run_sees_exactly_its_tree() {
+    let name = "a_captured_upper_stacks_as_a_layer_and_the_next_run_sees_exactly_its_tree";
+    let Some(img) = rootfs(name) else { return };
+    if !vmrun_tests::host::has_tool("mkfs.erofs") {
+        assert!(
+            std::env::var_os("VMRUN_REQUIRE_T2").is_none(),
+            "{name}: needs mkfs.erofs"
+        );
+        eprintln!("SKIPPED {name}: needs mkfs.erofs (apt-get install erofs-utils)");
+        return;
+    }
+    const SKIP: &[&str] = &["proc", "sys", "dev", "run", ".overlayfs"];
+    let run1 = "set -e; echo new > /new.txt; echo changed > /etc/hostname; rm /etc/issue; \
+                rm -rf /etc/skel; mkdir /etc/skel; echo fresh > /etc/skel/only; \
+                ln -s /new.txt /link; ln /new.txt /hard; mkdir -p /data/deep; \
+                head -c 300000 /dev/urandom > /data/deep/blob; chmod 600 /data/deep/blob; \
+                mkfifo /data/pipe; chown 1234:5678 /data/deep";
+    let (tar1, view1) = with_agent(&img, None, move |c, root| {
+        let out = c.exec(sh(run1), None).unwrap();
+        assert_eq!(
+            out.status,
+            ExitStatus::Exited(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut tar = Vec::new();
+        c.capture(&mut tar).unwrap();
+        (tar, vmrun_tests::host::tree_view(root, SKIP))
+    });
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("layers");
+    let tar1_path = work.path().join("run1.tar");
+    std::fs::write(&tar1_path, &tar1).unwrap();
+    let layer1 = vmrun::launch::layers::image_for(&tar1_path, &cache).unwrap();
+    assert_eq!(
+        std::fs::read(&tar1_path).unwrap(),
+        tar1,
+        "the tar is not modified"
+    );
+    // Built once: the same tar gives the same cached image.
+    let again = vmrun::launch::layers::image_for(&tar1_path, &cache).unwrap();
+    assert_eq!(layer1, again);
+
+    let run2 = "set -e; echo second > /second.txt; rm /new.txt; echo more >> /etc/skel/only";
+    let l1 = vec![layer1.clone()];
+    let (tar2, view2_before, view2_after) = with_layers(&img, &l1, None, move |c, root| {
+        let before = vmrun_tests::host::tree_view(root, SKIP);
+        let out = c.exec(sh(run2), None).unwrap();
+        assert_eq!(
+            out.status,
+            ExitStatus::Exited(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut tar = Vec::new();
+        c.capture(&mut tar).unwrap();
+        (tar, before, vmrun_tests::host::tree_view(root, SKIP))
+    });
+    // Run 2 starts from run 1's final tree, file by file. The root directory's times are
+    // always its upper directory's (overlayfs), made fresh at each boot.
+    let no_time = |v: &mut std::collections::BTreeMap<String, String>| {
+        let root = v.get_mut("").unwrap();
+        *root = root.split(" mtime").next().unwrap().to_string();
+    };
+    let (mut view1, mut view2_before) = (view1, view2_before);
+    no_time(&mut view1);
+    no_time(&mut view2_before);
+    let diff: Vec<_> = view1
+        .iter()
+        .filter(|(k, v)| view2_before.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: run 1 {v}, run 2 {:?}", view2_before.get(k)))
+        .chain(
+            view2_before
+                .keys()
+                .filter(|k| !view1.contains_key(*k))
+                .map(|k| format!("{k}: only in run 2")),
+        )
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "run 2 differs from run 1:\n{}",
+        diff.join("\n")
+    );
+    assert!(!view1.contains_key("etc/issue") && view1.contains_key("data/pipe"));
+    // Run 2's capture holds run 2's changes only.
+    let t2 = read_tar(&tar2);
+    let mut names: Vec<&str> = t2.keys().map(String::as_str).collect();
+    names.retain(|n| !n.is_empty() && *n != ".");
+    assert_eq!(
+        names,
+        vec!["etc", "etc/skel", "etc/skel/only", "new.txt", "second.txt"],
+        "{t2:?}"
+    );
+    assert_eq!(t2["new.txt"].kind, b'3', "the deletion is a whiteout");
+    assert_eq!(t2["etc/skel/only"].data, b"fresh\nmore\n");
+
+    // Stacked in order: run 2's layer above run 1's.
+    let tar2_path = work.path().join("run2.tar");
+    std::fs::write(&tar2_path, &tar2).unwrap();
+    let layer2 = vmrun::launch::layers::image_for(&tar2_path, &cache).unwrap();
+    let both = vec![layer1, layer2];
+    let mut view3 = with_layers(&img, &both, None, |_, root| {
+        vmrun_tests::host::tree_view(root, SKIP)
+    });
+    let mut view2_after = view2_after;
+    no_time(&mut view3);
+    no_time(&mut view2_after);
+    assert_eq!(view3, view2_after, "two layers give run 2's final tree");
 }

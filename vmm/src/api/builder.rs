@@ -155,7 +155,14 @@ impl VmBuilder {
         self.opts.vcpus = n;
         self
     }
-    /// Extra disk after the rootfs (and the overlay disk).
+    /// A read-only layer above the rootfs (call again for more; the first is the lowest): a
+    /// capture tar from [`Vm::capture_overlay_to`](super::Vm::capture_overlay_to), turned into a cached erofs image
+    /// at start, or such an image.
+    pub fn layer(mut self, path: impl Into<PathBuf>) -> Self {
+        self.opts.layers.push(path.into());
+        self
+    }
+    /// Extra disk after the rootfs (and the overlay disk and the layers).
     pub fn disk(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
         self.opts.disks.push(DiskConfig {
             path: path.into(),

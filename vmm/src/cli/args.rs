@@ -37,7 +37,13 @@ pub struct VmArgs {
     /// Filesystem of a disk upper layer (default ext4).
     #[arg(long)]
     overlay_fstype: Option<String>,
-    /// Another disk, PATH or PATH,ro (repeatable); after the rootfs and the overlay disk.
+    /// A read-only layer above the root filesystem: a capture tar (`vmrun capture`) or a built
+    /// layer image (repeatable; the first given is the lowest). Each tar is turned into an
+    /// erofs image once and cached by its SHA-256.
+    #[arg(long = "layer", value_name = "TAR|IMAGE")]
+    layers: Vec<PathBuf>,
+    /// Another disk, PATH or PATH,ro (repeatable); after the rootfs, the overlay disk and the
+    /// layers.
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<PathBuf>,
     /// Extra kernel command-line parameters, appended after vmrun's own (an explicit
@@ -138,6 +144,7 @@ impl VmArgs {
                 self.overlay_size.as_deref(),
                 self.overlay_fstype.as_deref(),
             )?,
+            layers: self.layers.clone(),
             disks: self.disks.iter().map(|d| disk(d)).collect(),
             exec: None,
             cmdline: self.cmdline.clone(),
@@ -256,6 +263,7 @@ mod tests {
                     gid: 4001,
                 }),
                 cpu_quota: Some(150),
+                layers: vec!["/l/one.tar".into(), "/l/two.erofs".into()],
                 ..Default::default()
             },
             VmOptions {

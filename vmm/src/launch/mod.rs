@@ -5,19 +5,22 @@
 
 pub mod cmdline;
 pub mod images;
+pub mod layers;
 pub mod overlay;
 pub mod snapshot;
+pub mod tarball;
 
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use thiserror::Error;
-use vmrun_protocol::cmdline::EXEC;
+use vmrun_protocol::cmdline::{EXEC, ROOT_LAYERS};
 
 use crate::config::{BootProtocol, DiskConfig, Payload, VmConfig, VsockConfig};
 use crate::devices::legacy::serial::ConsoleSink;
 use crate::host::compat::Compat;
+use layers::LayerError;
 use overlay::{Overlay, OverlayError};
 
 /// Guest memory unless asked otherwise: room for a shell, package tools and a tmpfs upper
@@ -50,7 +53,10 @@ pub struct VmOptions {
     pub rootfs: Rootfs,
     /// The upper layer; `None`: `GONDOLIN_ROOT_OVERLAY` decides (else no overlay).
     pub overlay: Option<Overlay>,
-    /// More disks after the rootfs and the overlay disk.
+    /// Read-only layers above the root disk, bottom first: capture tars (turned into cached
+    /// erofs images at resolve time) or built layer images.
+    pub layers: Vec<PathBuf>,
+    /// More disks after the rootfs, the overlay disk and the layers.
     pub disks: Vec<DiskConfig>,
     /// A command for vmrun-init to run as the workload (instead of the agent).
     pub exec: Option<String>,
@@ -114,6 +120,7 @@ impl Default for VmOptions {
             initrd: None,
             rootfs: Rootfs::Default,
             overlay: None,
+            layers: vec![],
             disks: vec![],
             exec: None,
             cmdline: None,
@@ -141,6 +148,10 @@ pub enum LaunchError {
     MissingDisk(PathBuf),
     #[error("--overlay needs a root disk; drop --rootfs none")]
     OverlayWithoutRoot,
+    #[error("--layer needs a root disk to stack on; drop --rootfs none")]
+    LayersWithoutRoot,
+    #[error(transparent)]
+    Layer(#[from] LayerError),
     #[error("--exec {0:?}: double quotes cannot be passed on the kernel command line")]
     ExecQuote(String),
     #[error("cannot probe this host's KVM: {0}")]
@@ -154,6 +165,8 @@ pub enum LaunchError {
 pub struct Resolved {
     pub pvm: bool,
     pub overlay: Overlay,
+    /// The layer images, bottom first (also among `disks`).
+    pub layers: Vec<PathBuf>,
     pub disks: Vec<DiskConfig>,
     pub cmdline: String,
     pub kernel: PathBuf,
@@ -195,6 +208,21 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
             read_only: false,
         });
     }
+    let layers = if opts.layers.is_empty() {
+        vec![]
+    } else if disks.is_empty() {
+        return Err(LaunchError::LayersWithoutRoot);
+    } else {
+        layers::images_for(&opts.layers)?
+    };
+    let mut devices = Vec::new();
+    for l in &layers {
+        devices.push(disk_device(disks.len()));
+        disks.push(DiskConfig {
+            path: l.clone(),
+            read_only: true,
+        });
+    }
     for d in &opts.disks {
         if !d.path.exists() {
             return Err(LaunchError::MissingDisk(d.path.clone()));
@@ -202,6 +230,9 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
         disks.push(d.clone());
     }
     ours.extend(overlay.kernel_params());
+    if !devices.is_empty() {
+        ours.push(format!("{ROOT_LAYERS}={}", devices.join(",")));
+    }
     if let Some(e) = &opts.exec {
         if e.contains('"') {
             return Err(LaunchError::ExecQuote(e.clone()));
@@ -213,6 +244,7 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
     Ok(Resolved {
         pvm,
         overlay,
+        layers,
         disks,
         cmdline,
         kernel: opts
@@ -229,6 +261,16 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
             DEFAULT_MEMORY_MIB
         }),
     })
+}
+
+/// The guest's name for the disk at `index` in attach order (vda, vdb, …, vdz, vdaa).
+pub fn disk_device(index: usize) -> String {
+    let letter = |i: usize| char::from(b'a' + (i % 26) as u8);
+    if index < 26 {
+        format!("/dev/vd{}", letter(index))
+    } else {
+        format!("/dev/vd{}{}", letter(index / 26 - 1), letter(index))
+    }
 }
 
 impl Resolved {
@@ -282,6 +324,7 @@ impl VmOptions {
                 other => other.clone(),
             },
             overlay: Some(r.overlay.clone()),
+            layers: r.layers.clone(),
             compat: if r.pvm { Compat::Pvm } else { Compat::Off },
             memory_mib: Some(r.memory_mib),
             ..self.clone()
@@ -320,6 +363,9 @@ impl VmOptions {
                 flag("overlay", path.into());
                 flag("overlay-fstype", fstype.into());
             }
+        }
+        for l in &self.layers {
+            flag("layer", l.into());
         }
         for d in &self.disks {
             let mut v: OsString = d.path.clone().into();

@@ -1,0 +1,556 @@
+//! Read-only layers from captures: `--layer CAPTURE.tar` stacks a captured upper layer above
+//! the base image. Each tar becomes an erofs image once, cached by the tar's SHA-256 under
+//! `<cache>/layers/`, and is attached as a read-only disk; vmrun-init stacks the disks
+//! (`root.layers=`). A tar is unpacked into a private staging directory by vmrun's own
+//! bounded reader ([`super::tarball`]), keeping what overlayfs reads in a lower layer
+//! (whiteouts as char 0/0, the opaque mark as `trusted.overlay.opaque`), then packed by
+//! `mkfs.erofs` (erofs-utils 1.5, which predates its `--tar` mode). The tar and the base
+//! image are only read.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use super::tarball::{self, Item, Kind, Limits, TarError};
+
+/// Layers one VM may stack (each is a disk, and disks share the VM's 19 device IRQs).
+pub const MAX_LAYERS: usize = 8;
+const EROFS_MAGIC: u32 = 0xe0f5_e1e2;
+/// The xattrs a layer keeps: the user's, file capabilities, and overlayfs' opaque mark.
+/// Others (overlay bookkeeping such as `trusted.overlay.origin`, SELinux labels) describe the
+/// VM that wrote them, not the layer, and are dropped.
+const KEPT_XATTRS: &[&[u8]] = &[b"user.", b"security.capability", b"trusted.overlay.opaque"];
+
+#[derive(Debug, Error)]
+pub enum LayerError {
+    #[error("--layer {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--layer {path}: {source}")]
+    Tar {
+        path: PathBuf,
+        #[source]
+        source: TarError,
+    },
+    #[error("--layer {path}: entry {entry:?}: {why}")]
+    Unpack {
+        path: PathBuf,
+        entry: PathBuf,
+        why: String,
+    },
+    #[error("{0} layers given; a VM stacks at most {MAX_LAYERS} (combine some with `vmrun commit`, or drop some)")]
+    TooMany(usize),
+    #[error("cannot use the layer cache {dir}: {source}")]
+    Cache {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mkfs.erofs is missing: apt-get install erofs-utils (it packs captured layers)")]
+    NoMkfs,
+    #[error("--layer {path}: mkfs.erofs failed: {why}")]
+    Mkfs { path: PathBuf, why: String },
+}
+
+/// The failure of one entry while unpacking (the caller adds the layer's path).
+#[derive(Debug)]
+enum Step {
+    Tar(TarError),
+    Entry(PathBuf, String),
+}
+
+impl From<TarError> for Step {
+    fn from(e: TarError) -> Self {
+        Step::Tar(e)
+    }
+}
+
+/// Whether `path` holds an erofs filesystem (an already built layer).
+pub fn is_erofs(path: &Path) -> bool {
+    let mut sb = [0u8; 1028];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut sb))
+        .is_ok()
+        && u32::from_le_bytes([sb[1024], sb[1025], sb[1026], sb[1027]]) == EROFS_MAGIC
+}
+
+/// The cached layer images for `sources` (tars or built images), bottom layer first.
+pub fn images_for(sources: &[PathBuf]) -> Result<Vec<PathBuf>, LayerError> {
+    if sources.len() > MAX_LAYERS {
+        return Err(LayerError::TooMany(sources.len()));
+    }
+    let dir = super::images::cache_dir().join("layers");
+    sources.iter().map(|s| image_for(s, &dir)).collect()
+}
+
+/// SHA-256 of a file, hex.
+fn sha256_of(path: &Path) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The layer image of `src` in `cache`, built if it is not there yet.
+pub fn image_for(src: &Path, cache: &Path) -> Result<PathBuf, LayerError> {
+    let open = |source| LayerError::Open {
+        path: src.to_path_buf(),
+        source,
+    };
+    let meta = fs::metadata(src).map_err(open)?;
+    if !meta.is_file() {
+        return Err(open(io::Error::other(
+            "not a file; give a capture tar (vmrun capture) or a built layer image",
+        )));
+    }
+    if is_erofs(src) {
+        return Ok(src.to_path_buf());
+    }
+    let sha = sha256_of(src).map_err(open)?;
+    let out = cache.join(format!("{sha}.erofs"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let cache_err = |source| LayerError::Cache {
+        dir: cache.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(cache).map_err(cache_err)?;
+    // Staging and the unfinished image live in the cache and go when dropped, on any error.
+    let stage = tempfile::Builder::new()
+        .prefix(".stage-")
+        .tempdir_in(cache)
+        .map_err(cache_err)?;
+    let tree = stage.path().join("tree");
+    fs::create_dir(&tree).map_err(cache_err)?;
+    let f = File::open(src).map_err(open)?;
+    unpack(io::BufReader::new(f), &tree, &Limits::default()).map_err(|e| match e {
+        Step::Tar(source) => LayerError::Tar {
+            path: src.to_path_buf(),
+            source,
+        },
+        Step::Entry(entry, why) => LayerError::Unpack {
+            path: src.to_path_buf(),
+            entry,
+            why,
+        },
+    })?;
+    let tmp = stage.path().join("layer.erofs");
+    mkfs(&tree, &tmp).map_err(|e| match e {
+        None => LayerError::NoMkfs,
+        Some(why) => LayerError::Mkfs {
+            path: src.to_path_buf(),
+            why,
+        },
+    })?;
+    fs::rename(&tmp, &out).map_err(cache_err)?;
+    Ok(out)
+}
+
+/// `mkfs.erofs` over `tree`: uncompressed (decompression would be guest ring-0 work, which is
+/// emulated on PVM hosts), mtimes kept. `None`: the tool is missing.
+fn mkfs(tree: &Path, image: &Path) -> Result<(), Option<String>> {
+    let out = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg("--preserve-mtime")
+        .arg(image)
+        .arg(tree)
+        .output()
+        .map_err(|e| (e.kind() != io::ErrorKind::NotFound).then(|| e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Some(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn cstr(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| "a path with a NUL byte".to_string())
+}
+
+/// Makes the directories above `rel` in `root`, refusing to pass through anything that is
+/// not a directory (a symlink an earlier entry made, above all).
+fn parents(root: &Path, rel: &Path, create: bool) -> Result<(), String> {
+    let mut at = root.to_path_buf();
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
+    for c in parent.components() {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "goes through {}, which is not a directory here",
+                    at.strip_prefix(root).unwrap_or(&at).display()
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir(&at).map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Removes what is at `p` unless both it and the new entry are directories (a later entry
+/// for a path replaces the earlier, as tar extracts).
+fn clear(p: &Path, new_is_dir: bool) -> Result<bool, String> {
+    match fs::symlink_metadata(p) {
+        Err(_) => Ok(false),
+        Ok(m) if m.is_dir() && new_is_dir => Ok(true),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p)
+            .map(|_| false)
+            .map_err(|e| e.to_string()),
+        Ok(_) => fs::remove_file(p).map(|_| false).map_err(|e| e.to_string()),
+    }
+}
+
+fn mknod(p: &Path, kind: libc::mode_t, mode: u32) -> Result<(), String> {
+    let c = cstr(p)?;
+    // SAFETY: a NUL-terminated path; mknod reads nothing else from memory.
+    let rc = unsafe { libc::mknod(c.as_ptr(), kind | (mode & 0o777), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error().to_string())
+    }
+}
+
+fn set_xattr(p: &Path, name: &[u8], value: &[u8]) -> Result<(), String> {
+    let c = cstr(p)?;
+    let n = CString::new(name).map_err(|_| "an xattr name with a NUL byte".to_string())?;
+    // SAFETY: NUL-terminated path and name; `value` is valid for `value.len()` bytes.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    let hint = if name.starts_with(b"trusted.") && e.raw_os_error() == Some(libc::EPERM) {
+        " (trusted.* xattrs, overlayfs' opaque mark among them, need root)"
+    } else {
+        ""
+    };
+    Err(format!(
+        "set xattr {}: {e}{hint}",
+        String::from_utf8_lossy(name)
+    ))
+}
+
+/// Owner, mode and times, not following a symlink.
+fn set_meta(p: &Path, item: &Item, is_link: bool) -> Result<(), String> {
+    let id = |v: u64, what| {
+        u32::try_from(v)
+            .ok()
+            .filter(|&v| v != u32::MAX)
+            .ok_or_else(|| format!("a {what} of {v}, out of range"))
+    };
+    std::os::unix::fs::lchown(p, Some(id(item.uid, "uid")?), Some(id(item.gid, "gid")?))
+        .map_err(|e| format!("chown: {e}"))?;
+    if !is_link {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(p, fs::Permissions::from_mode(item.mode))
+            .map_err(|e| format!("chmod: {e}"))?;
+    }
+    let c = cstr(p)?;
+    let t = libc::timespec {
+        tv_sec: item.mtime.min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [t, t];
+    // SAFETY: a NUL-terminated path and an array of two timespecs, as utimensat requires.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("set times: {}", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Unpacks the tar `r` into `root` (an empty directory only this process writes).
+fn unpack(r: impl Read, root: &Path, limits: &Limits) -> Result<(), Step> {
+    // Directories get their mode and times last: entries inside would change the times, and
+    // a read-only mode would stop them.
+    let mut dirs: Vec<(PathBuf, Item)> = Vec::new();
+    tarball::for_each(r, limits, |item, data| {
+        let rel = item.path.clone();
+        let fail = |why: String| Step::Entry(rel.clone(), why);
+        let p = root.join(&rel);
+        if rel.as_os_str().is_empty() {
+            if item.kind != Kind::Dir {
+                return Err(fail("the root of the tree is not a directory".into()));
+            }
+        } else {
+            parents(root, &rel, true).map_err(fail)?;
+            let exists = clear(&p, item.kind == Kind::Dir).map_err(fail)?;
+            match &item.kind {
+                Kind::Dir if exists => {}
+                Kind::Dir => fs::create_dir(&p).map_err(|e| fail(e.to_string()))?,
+                Kind::File { size } => {
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&p)
+                        .map_err(|e| fail(e.to_string()))?;
+                    let n = io::copy(data, &mut f).map_err(|e| fail(e.to_string()))?;
+                    if n != *size {
+                        return Err(fail(format!(
+                            "the stream ends inside it ({n} of {size} bytes)"
+                        )));
+                    }
+                    f.flush().map_err(|e| fail(e.to_string()))?;
+                }
+                Kind::Symlink(target) => {
+                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &p)
+                        .map_err(|e| fail(e.to_string()))?
+                }
+                Kind::HardLink(first) => {
+                    let to = root.join(first);
+                    match (parents(root, first, false), fs::symlink_metadata(&to)) {
+                        (Ok(()), Ok(m)) if m.file_type().is_file() => {}
+                        _ => {
+                            return Err(fail(format!(
+                                "a hard link to {}, which is not a file earlier in the tar",
+                                first.display()
+                            )))
+                        }
+                    }
+                    fs::hard_link(&to, &p).map_err(|e| fail(e.to_string()))?;
+                    // The first name's owner, mode and times are the file's.
+                    return Ok(());
+                }
+                Kind::Fifo => mknod(&p, libc::S_IFIFO, item.mode).map_err(fail)?,
+                Kind::Whiteout => mknod(&p, libc::S_IFCHR, 0).map_err(fail)?,
+                Kind::Device {
+                    block,
+                    major,
+                    minor,
+                } => {
+                    return Err(fail(format!(
+                        "a {} device node ({major}:{minor}); layers hold no device nodes but \
+                         whiteouts (the guest's /dev is its own devtmpfs)",
+                        if *block { "block" } else { "character" }
+                    )))
+                }
+            }
+        }
+        for (name, value) in &item.xattrs {
+            if KEPT_XATTRS.iter().any(|k| name.starts_with(k)) {
+                set_xattr(&p, name, value).map_err(fail)?;
+            }
+        }
+        match item.kind {
+            Kind::Dir => dirs.push((p, item)),
+            Kind::Whiteout => {}
+            Kind::Symlink(_) => set_meta(&p, &item, true).map_err(fail)?,
+            _ => set_meta(&p, &item, false).map_err(fail)?,
+        }
+        Ok(())
+    })?;
+    for (p, item) in dirs.iter().rev() {
+        set_meta(p, item, false).map_err(|why| Step::Entry(item.path.clone(), why))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+
+    /// What kind of thing is at `p`.
+    fn describe(p: &Path) -> Option<&'static str> {
+        let m = fs::symlink_metadata(p).ok()?;
+        let t = m.file_type();
+        Some(if t.is_dir() {
+            "dir"
+        } else if t.is_symlink() {
+            "symlink"
+        } else if t.is_char_device() {
+            "char"
+        } else if t.is_fifo() {
+            "fifo"
+        } else {
+            "file"
+        })
+    }
+
+    fn header(ty: tar::EntryType, name: &str, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(ty);
+        h.set_path(name).unwrap();
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(size);
+        h.set_mtime(1_000_000);
+        h.set_cksum();
+        h
+    }
+
+    fn tar_of(entries: &[(tar::EntryType, &str, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (ty, name, data, link) in entries {
+            let mut h = header(*ty, name, data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+                h.set_cksum();
+            }
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn unpack_into(t: &[u8]) -> (tempfile::TempDir, Result<(), Step>) {
+        let d = tempfile::tempdir().unwrap();
+        let r = unpack(t, d.path(), &Limits::default());
+        (d, r)
+    }
+
+    use tar::EntryType as T;
+
+    #[test]
+    fn a_tar_unpacks_with_links_fifos_and_whiteouts() {
+        let t = tar_of(&[
+            (T::Directory, "etc", b"", None),
+            (T::Regular, "etc/hostname", b"box\n", None),
+            (T::Link, "etc/again", b"", Some("etc/hostname")),
+            (T::Symlink, "etc/link", b"", Some("/etc/hostname")),
+            (T::Fifo, "p", b"", None),
+            (T::Char, "gone", b"", None),
+            (T::Regular, "deep/er/file", b"x", None),
+        ]);
+        let (d, r) = unpack_into(&t);
+        r.map_err(|e| format!("{e:?}")).unwrap();
+        let p = d.path();
+        assert_eq!(fs::read(p.join("etc/again")).unwrap(), b"box\n");
+        assert_eq!(
+            fs::read_link(p.join("etc/link")).unwrap(),
+            PathBuf::from("/etc/hostname")
+        );
+        assert_eq!(describe(&p.join("p")), Some("fifo"));
+        assert_eq!(describe(&p.join("gone")), Some("char"));
+        assert_eq!(fs::read(p.join("deep/er/file")).unwrap(), b"x");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(p.join("etc")).unwrap().mtime(), 1_000_000);
+    }
+
+    #[test]
+    fn entries_that_would_write_outside_are_refused() {
+        // A symlink made by one entry, then an entry written through it.
+        let outside = tempfile::tempdir().unwrap();
+        let through = tar_of(&[
+            (
+                T::Symlink,
+                "lnk",
+                b"",
+                Some(outside.path().to_str().unwrap()),
+            ),
+            (T::Regular, "lnk/planted", b"x", None),
+        ]);
+        let (_d, r) = unpack_into(&through);
+        match r {
+            Err(Step::Entry(e, why)) => {
+                assert_eq!(e, PathBuf::from("lnk/planted"));
+                assert!(why.contains("not a directory"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!outside.path().join("planted").exists());
+        // A symlink replaced by a file, written with O_NOFOLLOW: the target is not touched.
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let over = tar_of(&[
+            (T::Symlink, "f", b"", Some(victim.to_str().unwrap())),
+            (T::Regular, "f", b"new", None),
+        ]);
+        let (d, r) = unpack_into(&over);
+        r.map_err(|e| format!("{e:?}")).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(fs::read(d.path().join("f")).unwrap(), b"new");
+        // Hard links to what is not an earlier file of the tree.
+        // Hard links to what is not an earlier file of the tree: missing, a directory, a
+        // symlink (which could point anywhere).
+        for link in ["etc/passwd", "d", "s"] {
+            let t = tar_of(&[
+                (T::Directory, "d", b"", None),
+                (T::Symlink, "s", b"", Some("/etc/passwd")),
+                (T::Link, "l", b"", Some(link)),
+            ]);
+            match unpack_into(&t).1 {
+                Err(Step::Entry(_, why)) => assert!(why.contains("not a file earlier"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Device nodes other than whiteouts.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(T::Block, "sda", 0);
+        h.set_device_major(8).unwrap();
+        h.set_device_minor(0).unwrap();
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        match unpack_into(&b.into_inner().unwrap()).1 {
+            Err(Step::Entry(_, why)) => assert!(why.contains("block device node (8:0)"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_layer_count_is_bounded_and_bad_sources_are_named() {
+        let many = vec![PathBuf::from("/nonexistent"); MAX_LAYERS + 1];
+        let e = images_for(&many).unwrap_err().to_string();
+        assert!(e.contains("at most 8"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let e = image_for(Path::new("/nonexistent.tar"), d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--layer /nonexistent.tar"), "{e}");
+        let e = image_for(d.path(), d.path()).unwrap_err().to_string();
+        assert!(e.contains("not a file"), "{e}");
+        // A truncated tar: an error naming the layer, and nothing left in the cache.
+        let bad = d.path().join("bad.tar");
+        let t = tar_of(&[(T::Regular, "f", &[7u8; 5000], None)]);
+        fs::write(&bad, &t[..3000]).unwrap();
+        let cache = d.path().join("cache");
+        let e = image_for(&bad, &cache).unwrap_err().to_string();
+        assert!(e.contains("bad.tar"), "{e}");
+        assert_eq!(fs::read_dir(&cache).unwrap().count(), 0);
+    }
+}
