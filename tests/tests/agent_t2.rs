@@ -891,6 +891,18 @@ fn a_captured_upper_stacks_as_a_layer_and_the_next_run_sees_exactly_its_tree() {
         c.capture(&mut tar).unwrap();
         (tar, vmrun_tests::host::tree_view(root, SKIP))
     });
+    // `vmrun diff` of the capture against the image it was taken over: the known change set.
+    let changes = vmrun::launch::diff::with_lower(std::slice::from_ref(&img), |lower| {
+        vmrun::launch::diff::changes(tar1.as_slice(), lower)
+    })
+    .unwrap()
+    .unwrap();
+    let text = vmrun::launch::diff::render(&changes, false);
+    let want = "A /data\nA /data/deep\nA /data/deep/blob\nA /data/pipe\nC /etc\n\
+                C /etc/hostname\nD /etc/issue\nC /etc/skel\nD /etc/skel/.bash_logout\n\
+                D /etc/skel/.bashrc\nD /etc/skel/.profile\nA /etc/skel/only\nA /hard\n\
+                A /link\nA /new.txt\n";
+    assert_eq!(text, want, "vmrun diff of run 1's capture");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("layers");
     let tar1_path = work.path().join("run1.tar");

@@ -1,7 +1,8 @@
 //! T4, issue 21's stack in real guests, through the library: run 1 writes, deletes a root file
 //! and replaces a directory, and is captured; run 2 boots with `--layer` on that capture and
 //! sees exactly run 1's final tree (a full listing of the root compared line by line, and the
-//! contents of what run 1 wrote); run 2's own capture holds only run 2's changes.
+//! contents of what run 1 wrote); run 2's own capture holds only run 2's changes, and
+//! `vmrun diff` on run 2 lists exactly them against run 2's stack.
 
 use std::path::Path;
 use std::time::Instant;
@@ -112,6 +113,21 @@ fn run_two_on_run_ones_capture_sees_exactly_its_tree() {
     assert!(view1.contains("/data/deep d 755 1234:5678"), "{view1}");
 
     run(&b, RUN2);
+    // `vmrun diff NAME` against the VM's own stack (the root image and run 1's layer).
+    let bin = vmrun::api::builder::vmm_binary().unwrap();
+    let out = std::process::Command::new(&bin)
+        .args(["diff", b.name()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vmrun diff: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "C /etc\nC /etc/skel\nC /etc/skel/only\nD /new.txt\nA /second.txt\n"
+    );
     let mut tar2 = Vec::new();
     b.capture_overlay(&mut tar2).unwrap();
     b.shutdown().unwrap();

@@ -144,11 +144,14 @@ pub struct Record {
     pub overlay: String,
     pub memory_mib: u64,
     pub vcpus: u8,
+    /// What lies below the upper layer: the root image, then the layer images, bottom first
+    /// (`vmrun diff NAME` compares the upper with it).
+    pub lower: Vec<PathBuf>,
 }
 
 impl Record {
     fn to_text(&self) -> String {
-        format!(
+        let mut t = format!(
             "name={}\npid={}\ncreated={}\nnamed={}\noverlay={}\nmemory_mib={}\nvcpus={}\n",
             self.name,
             self.pid,
@@ -157,7 +160,15 @@ impl Record {
             self.overlay.replace('\n', " "),
             self.memory_mib,
             self.vcpus
-        )
+        );
+        for l in &self.lower {
+            // A path with a newline cannot be a line of its own; such a stack is not recorded.
+            match l.to_str() {
+                Some(s) if !s.contains('\n') => t.push_str(&format!("lower={s}\n")),
+                _ => return t,
+            }
+        }
+        t
     }
 
     /// Reads what `to_text` wrote; unknown keys and bad values are ignored (a record from
@@ -176,6 +187,7 @@ impl Record {
                 "overlay" => r.overlay = v.into(),
                 "memory_mib" => r.memory_mib = v.parse().unwrap_or(0),
                 "vcpus" => r.vcpus = v.parse().unwrap_or(0),
+                "lower" => r.lower.push(v.into()),
                 _ => {}
             }
         }
@@ -436,6 +448,7 @@ impl Record {
             overlay,
             memory_mib,
             vcpus,
+            lower: vec![],
         }
     }
 }
@@ -487,6 +500,7 @@ mod tests {
             overlay: "tmpfs 256M".into(),
             memory_mib: 512,
             vcpus: 2,
+            lower: vec!["/c/rootfs.ext4".into(), "/c/layers/ab.erofs".into()],
         };
         assert_eq!(Record::parse(&r.to_text()), r);
         let junk = Record::parse("pid=notanumber\n\u{0}\nnamed=yes\nother=1\n");

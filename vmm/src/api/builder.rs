@@ -291,6 +291,15 @@ impl VmBuilder {
             resolved.memory_mib,
             opts.vcpus,
         );
+        if resolved.overlay != Overlay::None {
+            record.lower = resolved
+                .disks
+                .first()
+                .map(|d| d.path.clone())
+                .into_iter()
+                .collect();
+            record.lower.extend(resolved.layers.iter().cloned());
+        }
         let timeout = self
             .boot_timeout
             .unwrap_or_else(|| default_boot_timeout(resolved.pvm));

@@ -90,6 +90,21 @@ enum Command {
         #[arg(value_name = "OUT.tar")]
         out: PathBuf,
     },
+    /// What a running VM (its upper layer) or a capture tar changed, as `docker diff` shows
+    /// it: A added, C changed, D deleted. Needs root (the images below are mounted read-only).
+    Diff {
+        #[arg(value_name = "NAME|CAPTURE.tar")]
+        target: String,
+        /// JSON: an array of {"kind": "A|C|D", "path": "/…"}.
+        #[arg(long)]
+        json: bool,
+        /// For a tar: the root image it was taken over (default: the built rootfs).
+        #[arg(long, value_name = "PATH")]
+        rootfs: Option<PathBuf>,
+        /// For a tar: the layers it was taken over, bottom first (repeatable).
+        #[arg(long = "layer", value_name = "TAR|IMAGE")]
+        layers: Vec<PathBuf>,
+    },
     /// List the VMs: name, state (running or dead), VMM pid, age, memory, vCPUs, overlay.
     Ls,
     /// Stop running VMs: a clean shutdown, then a kill after --time seconds; their files are
@@ -129,7 +144,7 @@ enum Command {
         /// Measure inside a VM even where guest ring 0 is emulated (labelled as such).
         #[arg(long)]
         guest: bool,
-        /// Only these groups of rows (repeatable): vmm, agent, vsock, guest, snapshot.
+        /// Only these groups of rows (repeatable): vmm, agent, vsock, guest, snapshot, layers.
         #[arg(long, value_enum)]
         only: Vec<bench::Group>,
     },
@@ -297,6 +312,12 @@ pub fn main() -> ExitCode {
         } => vm::run(&vm, &cmd, &[], None),
         Command::Cp { src, dst } => named::cp(&src, &dst),
         Command::Capture { name, out } => named::capture(&name, &out),
+        Command::Diff {
+            target,
+            json,
+            rootfs,
+            layers,
+        } => named::diff(&target, rootfs.as_deref(), &layers, json),
         Command::Ls => named::ls(),
         Command::Stop { names, all, time } => named::stop(&names, all, Duration::from_secs(time)),
         Command::Run {

@@ -173,6 +173,71 @@ pub fn capture(name: &str, out: &Path) -> ExitCode {
     }
 }
 
+/// `vmrun diff NAME|TAR`: what a running VM's upper layer, or a capture tar, changed against
+/// the stack below it (for a tar: `--rootfs` or the default image, and the `--layer`s).
+pub fn diff(target: &str, rootfs: Option<&Path>, layers: &[PathBuf], json: bool) -> ExitCode {
+    use std::io::{BufReader, Seek};
+    use vmrun::launch::{diff, images, layers as layer};
+    let tar = Path::new(target);
+    let (upper, stack) = if tar.is_file() {
+        let root = rootfs.map_or_else(images::default_rootfs, Path::to_path_buf);
+        if !root.is_file() {
+            return launcher_error(format!(
+                "rootfs {}: not found; give the image the capture was taken over with --rootfs PATH",
+                root.display()
+            ));
+        }
+        let mut stack = vec![root];
+        match layer::images_for(layers) {
+            Ok(l) => stack.extend(l),
+            Err(e) => return launcher_error(e),
+        }
+        match std::fs::File::open(tar) {
+            Ok(f) => (f, stack),
+            Err(e) => return launcher_error(format!("diff {target}: {e}")),
+        }
+    } else {
+        if rootfs.is_some() || !layers.is_empty() {
+            return launcher_error(format!(
+                "diff {target}: --rootfs and --layer describe what a capture tar was taken over; a running VM's stack is its own (or no file {target} exists)"
+            ));
+        }
+        let vm = match attach(target) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
+        let stack = runtime::find(target)
+            .ok()
+            .and_then(|p| p.record())
+            .map(|r| r.lower)
+            .unwrap_or_default();
+        if stack.is_empty() {
+            return launcher_error(format!(
+                "diff {target}: the VM has no overlay (or was started by an older vmrun), so nothing it wrote is kept apart"
+            ));
+        }
+        // An unnamed file: nothing is left behind whatever happens.
+        let mut f = match tempfile::tempfile() {
+            Ok(f) => f,
+            Err(e) => return launcher_error(format!("diff {target}: a temporary file: {e}")),
+        };
+        if let Err(e) = vm.capture_overlay(&mut f) {
+            return launcher_error(format!("diff {target}: capture: {e}"));
+        }
+        if let Err(e) = f.rewind() {
+            return launcher_error(format!("diff {target}: {e}"));
+        }
+        (f, stack)
+    };
+    match diff::with_lower(&stack, |lower| diff::changes(BufReader::new(upper), lower)) {
+        Ok(Ok(c)) => {
+            print!("{}", diff::render(&c, json));
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) | Err(e) => launcher_error(format!("diff {target}: {e}")),
+    }
+}
+
 /// One side of `vmrun cp`: a host path, or `NAME:/guest/path`.
 enum Side {
     Host(PathBuf),

@@ -4,6 +4,7 @@
 //! becomes a [`VmConfig`]. One place, so the CLI and the library cannot disagree.
 
 pub mod cmdline;
+pub mod diff;
 pub mod images;
 pub mod layers;
 pub mod overlay;

@@ -5,6 +5,7 @@
 
 mod agent;
 mod guest;
+mod layers;
 pub mod profile;
 pub mod snapshot;
 mod table;
@@ -27,6 +28,8 @@ pub enum Group {
     Guest,
     /// Snapshot create, restore, forks.
     Snapshot,
+    /// Capture tar → layer image; boots with stacked layers.
+    Layers,
 }
 
 /// The host's KVM, for the header: what the guest figures (if any) measure.
@@ -98,6 +101,9 @@ pub fn run(scale: Scale, guest: bool, only: &[Group]) -> String {
     }
     if on(Group::Snapshot) {
         rows.extend(snapshot::rows(scale, at_speed, guest));
+    }
+    if on(Group::Layers) {
+        rows.extend(layers::rows(scale, at_speed, guest));
     }
     render(&header, &rows, judged)
 }
