@@ -141,17 +141,7 @@ pub fn image_for(src: &Path, cache: &Path) -> Result<PathBuf, LayerError> {
     let tree = stage.path().join("tree");
     fs::create_dir(&tree).map_err(cache_err)?;
     let f = File::open(src).map_err(open)?;
-    unpack(io::BufReader::new(f), &tree, &Limits::default()).map_err(|e| match e {
-        Step::Tar(source) => LayerError::Tar {
-            path: src.to_path_buf(),
-            source,
-        },
-        Step::Entry(entry, why) => LayerError::Unpack {
-            path: src.to_path_buf(),
-            entry,
-            why,
-        },
-    })?;
+    unpack_into(src, io::BufReader::new(f), &tree)?;
     let tmp = stage.path().join("layer.erofs");
     mkfs(&tree, &tmp).map_err(|e| match e {
         None => LayerError::NoMkfs,
@@ -301,6 +291,22 @@ fn set_meta(p: &Path, item: &Item, is_link: bool) -> Result<(), String> {
         return Err(format!("set times: {}", io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Unpacks the tar `r` (the layer `src`, for messages) into `root`, an empty directory only
+/// this process writes; nothing is written outside it.
+pub fn unpack_into(src: &Path, r: impl Read, root: &Path) -> Result<(), LayerError> {
+    unpack(r, root, &Limits::default()).map_err(|e| match e {
+        Step::Tar(source) => LayerError::Tar {
+            path: src.to_path_buf(),
+            source,
+        },
+        Step::Entry(entry, why) => LayerError::Unpack {
+            path: src.to_path_buf(),
+            entry,
+            why,
+        },
+    })
 }
 
 /// Unpacks the tar `r` into `root` (an empty directory only this process writes).
