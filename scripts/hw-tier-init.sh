@@ -12,7 +12,7 @@ export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1 RUST_BACKTRACE=
 hostname hw-tier
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "HWTIER outer init at ${UPTIME:-$(up)}s; $(grep -m1 '^model name' /proc/cpuinfo)"
-for m in irqbypass ccp kvm kvm-amd; do insmod /lib/$m.ko || echo "HWTIER insmod $m failed"; done
+for m in irqbypass ccp kvm kvm-amd crc32c_generic libcrc32c erofs overlay loop crc16 mbcache jbd2 ext4; do insmod /lib/$m.ko || echo "HWTIER insmod $m failed"; done
 echo "HWTIER kvm_amd: npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null)"
 /vm/bin/kvmpin & sleep 1
 result() { echo "HWTIER-RESULT $1 $2"; }

@@ -20,7 +20,7 @@ if [ "${#targets[@]}" -eq 0 ]; then
 fi
 
 # --- tools, from Debian's packages
-pkgs=(qemu-system-x86 busybox-static cpio tmux python3 e2fsprogs tar)
+pkgs=(qemu-system-x86 busybox-static cpio tmux python3 e2fsprogs erofs-utils mount tar)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -61,7 +61,11 @@ trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,lib,proc,sys,dev,etc,tmp,root,run,vm/bin,vm/tests,vm/cache,usr/lib,usr/share}
 cp /bin/busybox "$root/bin/busybox"
 install -m 0755 "$REPO/scripts/hw-tier-init.sh" "$root/init"
-for m in virt/lib/irqbypass.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
+# KVM, and what `vmrun diff` needs on the host side (loop devices; ext4, erofs and overlayfs
+# to mount the images below an upper).
+for m in virt/lib/irqbypass.ko drivers/crypto/ccp/ccp.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko \
+    crypto/crc32c_generic.ko lib/libcrc32c.ko fs/erofs/erofs.ko fs/overlayfs/overlay.ko \
+    drivers/block/loop.ko lib/crc16.ko fs/mbcache.ko fs/jbd2/jbd2.ko fs/ext4/ext4.ko; do
     cp "$mods/$m" "$root/lib/"
 done
 # A binary and every shared library it loads, at the same paths.
@@ -75,7 +79,7 @@ copy_bin() {
 }
 copy_bin "$REPO/target/debug/vmrun" "$root/vm/bin/vmrun"
 copy_bin "$REPO/target/debug/examples/harness" "$root/vm/bin/harness"
-for tool in tar tmux mkfs.ext4 mke2fs python3 sha256sum; do
+for tool in tar tmux mkfs.ext4 mke2fs mkfs.erofs losetup python3 sha256sum; do
     copy_bin "$(command -v "$tool")" "$root/vm/bin/$tool"
 done
 cp -r /usr/lib/python3.11 "$root/usr/lib/" 2>/dev/null || true
