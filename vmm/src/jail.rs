@@ -311,7 +311,7 @@ fn build(spec: &Spec, cwd: &Path) -> Result<bool, JailError> {
         .recursive(true)
         .mode(0o755)
         .create(inside(root, cwd));
-    for b in &spec.binds {
+    for b in &merged(&spec.binds) {
         bind(root, b)?;
     }
     let proc_dir = root.join("proc");
@@ -349,6 +349,23 @@ fn build(spec: &Spec, cwd: &Path) -> Result<bool, JailError> {
     drop_bounding_set()?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))?;
     Ok(chrooted)
+}
+
+/// The binds with each path once (the same image may be asked for twice, e.g. one layer given
+/// twice; a second bind onto a read-only first would fail): writable or a device when any
+/// request for it is.
+fn merged(binds: &[Bind]) -> Vec<Bind> {
+    let mut out: Vec<Bind> = Vec::new();
+    for b in binds {
+        match out.iter_mut().find(|o| o.path == b.path) {
+            Some(o) => {
+                o.writable |= b.writable;
+                o.device |= b.device;
+            }
+            None => out.push(b.clone()),
+        }
+    }
+    out
 }
 
 /// `path` as seen under `root`.
@@ -768,6 +785,17 @@ fn wait_signal(signals: &SigSet, timeout: Duration) -> Option<Signal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_asked_for_twice_is_bound_once() {
+        let m = merged(&[
+            Bind::read_only("/c/l.erofs"),
+            Bind::read_only("/k"),
+            Bind::read_only("/c/l.erofs"),
+            Bind::writable("/k"),
+        ]);
+        assert_eq!(m, vec![Bind::read_only("/c/l.erofs"), Bind::writable("/k")]);
+    }
 
     #[test]
     fn go_message_round_trips() {

@@ -104,7 +104,7 @@ pub fn rows(scale: Scale, at_speed: bool, forced: bool) -> Vec<Row> {
     for i in 0..4 {
         let t = work.path().join(format!("small{i}.tar"));
         let cache = work.path().join("small-cache");
-        match capture_tar(&t, 1, 11 + i)
+        match capture_tar(&t, 1, 11 + 2 * i)
             .map_err(|e| e.to_string())
             .and_then(|_| layers::image_for(&t, &cache).map_err(|e| e.to_string()))
         {
@@ -117,8 +117,12 @@ pub fn rows(scale: Scale, at_speed: bool, forced: bool) -> Vec<Row> {
     }
     let depths = [0usize, 1, 4];
     let mut samples = vec![Vec::new(); depths.len()];
+    let mut failed: Vec<Option<String>> = vec![None; depths.len()];
     for _ in 0..scale.reps(3, 1) {
         for (k, n) in depths.iter().enumerate() {
+            if failed[k].is_some() {
+                continue;
+            }
             let mut b = Vm::builder().overlay(Overlay::Tmpfs { size: None });
             for l in &small[..*n] {
                 b = b.layer(l);
@@ -129,13 +133,18 @@ pub fn rows(scale: Scale, at_speed: bool, forced: bool) -> Vec<Row> {
                     samples[k].push(t.elapsed().as_secs_f64() * 1e3);
                     let _ = vm.shutdown();
                 }
-                Err(e) => {
-                    out.extend(boots.into_iter().map(|r| r.absent(e.to_string())));
-                    return out;
-                }
+                Err(e) => failed[k] = Some(e.to_string()),
             }
         }
     }
-    out.extend(boots.into_iter().zip(&samples).map(|(r, s)| r.samples(s)));
+    out.extend(
+        boots
+            .into_iter()
+            .zip(samples.iter().zip(failed))
+            .map(|(r, (s, f))| match f {
+                Some(e) => r.absent(e),
+                None => r.samples(s),
+            }),
+    );
     out
 }
