@@ -164,8 +164,13 @@ fn mount_ro(
             InitError::Mount,
             format!("mount {role} device {dev} ({fstype}) read-only"),
             format!(
-                "{}; check the image (and rootfstype= for the root)",
-                errno_text(e)
+                "{}; {}",
+                errno_text(e),
+                if role == "root" {
+                    "check rootfstype= and the image"
+                } else {
+                    "check the image"
+                }
             ),
         )
     })?;
