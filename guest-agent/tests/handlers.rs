@@ -368,6 +368,24 @@ fn capture_streams_the_upper_as_a_tar_and_says_when_there_is_none() {
     assert!(has("etc/link", tar::EntryType::Symlink), "{seen:?}");
 }
 
+/// `tar` extracted by GNU tar into `dir/out`, which it returns.
+fn gnu_extract(dir: &Path, tar: &[u8]) -> std::path::PathBuf {
+    let t = dir.join("c.tar");
+    std::fs::write(&t, tar).unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let ok = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&t)
+        .arg("-C")
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "GNU tar extracts the capture");
+    out
+}
+
 /// Found by the capture_writer fuzz target: the tar crate's link writer rewrote a symlink to
 /// `/` as `//` (and would fold `a//b/` to `a/b`). Targets go into the capture byte for byte,
 /// a long one through a PAX `linkpath` record that GNU tar restores.
@@ -400,19 +418,7 @@ fn capture_keeps_symlink_targets_byte_for_byte() {
         .collect();
     assert_eq!(got, want);
     // GNU tar reads the same.
-    let t = dir.path().join("c.tar");
-    std::fs::write(&t, &tar).unwrap();
-    let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    let ok = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(&t)
-        .arg("-C")
-        .arg(&out)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "GNU tar extracts the capture");
+    let out = gnu_extract(dir.path(), &tar);
     for (i, want) in targets.iter().enumerate() {
         let got = std::fs::read_link(out.join(format!("l{i}"))).unwrap();
         assert_eq!(got.to_str().unwrap(), *want);
@@ -467,19 +473,7 @@ fn capture_keeps_long_names_that_are_not_utf8() {
     assert_eq!(other.1, tar::EntryType::Link, "{got:?}");
     assert_eq!(other.2.as_deref(), Some(hard.0.as_slice()));
     // GNU tar restores the same names, the hard link included.
-    let t = dir.path().join("c.tar");
-    std::fs::write(&t, &tar).unwrap();
-    let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    let ok = std::process::Command::new("tar")
-        .arg("-xf")
-        .arg(&t)
-        .arg("-C")
-        .arg(&out)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "GNU tar extracts the capture");
+    let out = gnu_extract(dir.path(), &tar);
     for n in &names {
         assert!(out.join(OsStr::from_bytes(n)).is_file(), "{n:?} restored");
     }

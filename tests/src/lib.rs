@@ -336,3 +336,11 @@ pub fn read_tar(bytes: &[u8]) -> BTreeMap<String, TarEntry> {
     }
     out
 }
+
+/// The paths of a [`read_tar`] archive but its root (`.`), in order.
+pub fn entry_names(t: &BTreeMap<String, TarEntry>) -> Vec<&str> {
+    t.keys()
+        .map(String::as_str)
+        .filter(|n| !n.is_empty() && *n != ".")
+        .collect()
+}

@@ -43,6 +43,17 @@ fn sh(script: &str) -> Exec {
     exec(&["/bin/sh", "-c", script])
 }
 
+/// Runs `script`, which must succeed (its stderr is the failure message).
+fn sh_ok(c: &AgentClient, script: &str) {
+    let out = c.exec(sh(script), None).unwrap();
+    assert_eq!(
+        out.status,
+        ExitStatus::Exited(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A guest in miniature: the overlay root and the agent on a Unix socket. `f` runs with a
 /// client; the namespace, mounts and loop device go away afterwards.
 fn with_agent<T: Send + 'static>(
@@ -139,13 +150,7 @@ fn capture_holds_files_whiteouts_opaque_dirs_links_and_matches_a_host_extract() 
                       rm -rf /etc/skel; mkdir /etc/skel; echo fresh > /etc/skel/only; \
                       ln -s /new.txt /link; ln /new.txt /hard; mkdir -p /data; \
                       head -c 100000 /dev/urandom > /data/blob; chmod 600 /data/blob";
-        let out = c.exec(sh(script), None).unwrap();
-        assert_eq!(
-            out.status,
-            ExitStatus::Exited(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sh_ok(c, script);
         let mut tar = Vec::new();
         c.capture(&mut tar).unwrap();
         tar
@@ -880,13 +885,7 @@ fn a_captured_upper_stacks_as_a_layer_and_the_next_run_sees_exactly_its_tree() {
                 head -c 300000 /dev/urandom > /data/deep/blob; chmod 600 /data/deep/blob; \
                 mkfifo /data/pipe; chown 1234:5678 /data/deep";
     let (tar1, view1) = with_agent(&img, None, move |c, root| {
-        let out = c.exec(sh(run1), None).unwrap();
-        assert_eq!(
-            out.status,
-            ExitStatus::Exited(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sh_ok(c, run1);
         let mut tar = Vec::new();
         c.capture(&mut tar).unwrap();
         (tar, vmrun_tests::host::tree_view(root, SKIP))
@@ -921,13 +920,7 @@ fn a_captured_upper_stacks_as_a_layer_and_the_next_run_sees_exactly_its_tree() {
     let l1 = vec![layer1.clone()];
     let (tar2, view2_before, view2_after) = with_layers(&img, &l1, None, move |c, root| {
         let before = vmrun_tests::host::tree_view(root, SKIP);
-        let out = c.exec(sh(run2), None).unwrap();
-        assert_eq!(
-            out.status,
-            ExitStatus::Exited(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        sh_ok(c, run2);
         let mut tar = Vec::new();
         c.capture(&mut tar).unwrap();
         (tar, before, vmrun_tests::host::tree_view(root, SKIP))
@@ -960,10 +953,8 @@ fn a_captured_upper_stacks_as_a_layer_and_the_next_run_sees_exactly_its_tree() {
     assert!(!view1.contains_key("etc/issue") && view1.contains_key("data/pipe"));
     // Run 2's capture holds run 2's changes only.
     let t2 = read_tar(&tar2);
-    let mut names: Vec<&str> = t2.keys().map(String::as_str).collect();
-    names.retain(|n| !n.is_empty() && *n != ".");
     assert_eq!(
-        names,
+        vmrun_tests::entry_names(&t2),
         vec!["etc", "etc/skel", "etc/skel/only", "new.txt", "second.txt"],
         "{t2:?}"
     );

@@ -132,13 +132,8 @@ fn run_two_on_run_ones_capture_sees_exactly_its_tree() {
     b.capture_overlay(&mut tar2).unwrap();
     b.shutdown().unwrap();
     let t2 = read_tar(&tar2);
-    let names: Vec<&str> = t2
-        .keys()
-        .map(String::as_str)
-        .filter(|n| !n.is_empty() && *n != ".")
-        .collect();
     assert_eq!(
-        names,
+        vmrun_tests::entry_names(&t2),
         vec!["etc", "etc/skel", "etc/skel/only", "new.txt", "second.txt"],
         "run 2's capture holds run 2's changes only"
     );

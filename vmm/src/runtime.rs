@@ -161,12 +161,15 @@ impl Record {
             self.memory_mib,
             self.vcpus
         );
-        for l in &self.lower {
-            // A path with a newline cannot be a line of its own; such a stack is not recorded.
-            match l.to_str() {
-                Some(s) if !s.contains('\n') => t.push_str(&format!("lower={s}\n")),
-                _ => return t,
-            }
+        // A path with a newline cannot be a line of its own: such a stack is not recorded at
+        // all (a partial one would make `vmrun diff` compare with the wrong tree).
+        let lines: Option<Vec<&str>> = self
+            .lower
+            .iter()
+            .map(|l| l.to_str().filter(|s| !s.contains('\n')))
+            .collect();
+        for s in lines.unwrap_or_default() {
+            t.push_str(&format!("lower={s}\n"));
         }
         t
     }

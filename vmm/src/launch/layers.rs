@@ -23,10 +23,14 @@ use super::tarball::{self, Item, Kind, Limits, TarError};
 /// Layers one VM may stack (each is a disk, and disks share the VM's 19 device IRQs).
 pub const MAX_LAYERS: usize = 8;
 const EROFS_MAGIC: u32 = 0xe0f5_e1e2;
-/// The xattrs a layer keeps: the user's, file capabilities, and overlayfs' opaque mark.
-/// Others (overlay bookkeeping such as `trusted.overlay.origin`, SELinux labels) describe the
-/// VM that wrote them, not the layer, and are dropped.
-const KEPT_XATTRS: &[&[u8]] = &[b"user.", b"security.capability", b"trusted.overlay.opaque"];
+/// The xattrs a layer keeps: the user's (a namespace), file capabilities and overlayfs' opaque
+/// mark (exact names). Others (overlay bookkeeping such as `trusted.overlay.origin`, SELinux
+/// labels) describe the VM that wrote them, not the layer, and are dropped.
+fn kept_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.")
+        || name == b"security.capability"
+        || name == b"trusted.overlay.opaque"
+}
 
 #[derive(Debug, Error)]
 pub enum LayerError {
@@ -378,7 +382,7 @@ fn unpack(r: impl Read, root: &Path, limits: &Limits) -> Result<(), Step> {
             }
         }
         for (name, value) in &item.xattrs {
-            if KEPT_XATTRS.iter().any(|k| name.starts_with(k)) {
+            if kept_xattr(name) {
                 set_xattr(&p, name, value).map_err(fail)?;
             }
         }

@@ -90,7 +90,7 @@ pub fn safe_path(raw: &[u8], limits: &Limits) -> Result<PathBuf, TarError> {
     use std::os::unix::ffi::OsStrExt;
     if raw.len() > limits.path {
         return Err(entry_err(
-            &raw[..64],
+            &raw[..raw.len().min(64)],
             format!("a path of {} bytes (at most {})", raw.len(), limits.path),
         ));
     }
@@ -198,22 +198,13 @@ pub fn for_each<R: Read, E: From<TarError>>(
         let raw_path = h.path_bytes().into_owned();
         let size = h.entry_size().map_err(TarError::Io)?;
         match ty {
-            EntryType::GNULongName => {
-                long_name = Some(strip_nul(read_bounded(
-                    &mut e,
-                    size,
-                    limits.extension,
-                    &raw_path,
-                )?));
-                continue;
-            }
-            EntryType::GNULongLink => {
-                long_link = Some(strip_nul(read_bounded(
-                    &mut e,
-                    size,
-                    limits.extension,
-                    &raw_path,
-                )?));
+            EntryType::GNULongName | EntryType::GNULongLink => {
+                let v = strip_nul(read_bounded(&mut e, size, limits.extension, &raw_path)?);
+                if ty == EntryType::GNULongName {
+                    long_name = Some(v);
+                } else {
+                    long_link = Some(v);
+                }
                 continue;
             }
             EntryType::XHeader | EntryType::XGlobalHeader => {
