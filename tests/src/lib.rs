@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod host;
+pub mod oci;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -236,6 +236,10 @@ impl VmPaths {
     pub fn upper_copy(&self) -> PathBuf {
         self.dir.join(UPPER)
     }
+    /// The defaults commands get in this VM (an image's config), as JSON.
+    pub fn exec_defaults(&self) -> PathBuf {
+        self.dir.join("exec.json")
+    }
     pub fn console(&self) -> PathBuf {
         self.dir.join(CONSOLE)
     }

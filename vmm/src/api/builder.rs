@@ -319,7 +319,13 @@ impl VmBuilder {
         };
         record.pid = child.id();
         let _ = paths.write_record(&record);
-        let vm = Vm::started(paths, child, claim, console.clone());
+        let vm = Vm::started(
+            paths,
+            child,
+            claim,
+            console.clone(),
+            resolved.exec_defaults.clone(),
+        );
         if let Some(f) = &self.started {
             f(&vm.kill_switch());
         }

@@ -30,7 +30,7 @@ use super::agent::{AgentClient, AgentError, Endpoint, Output, Process};
 use crate::control::{self, ControlError, Then};
 pub use crate::launch::overlay::Overlay;
 use crate::launch::snapshot::SnapshotUseError;
-use crate::launch::LaunchError;
+use crate::launch::{ExecDefaults, LaunchError};
 use crate::runtime::{self, Claim, RuntimeError, VmPaths};
 
 #[derive(Debug, Error)]
@@ -64,6 +64,8 @@ pub enum VmError {
     Snapshot(#[from] SnapshotUseError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error("no command given, and the VM's image names none to run; give one (after `--` on the command line)")]
+    NoCommand,
     #[error("{what} {path}: {source}")]
     Host {
         what: &'static str,
@@ -88,6 +90,8 @@ pub struct Vm {
     claim: Option<Claim>,
     agent: AgentClient,
     console: PathBuf,
+    /// What commands get unless they say otherwise (the image's config).
+    defaults: Option<ExecDefaults>,
 }
 
 /// A command: anything that yields its argv, or a full [`Exec`].
@@ -145,14 +149,28 @@ impl KillSwitch {
 
 impl Vm {
     /// A VM this process has just started (the builder's side).
-    pub(crate) fn started(paths: VmPaths, child: Child, claim: Claim, console: PathBuf) -> Vm {
+    pub(crate) fn started(
+        paths: VmPaths,
+        child: Child,
+        claim: Claim,
+        console: PathBuf,
+        defaults: Option<ExecDefaults>,
+    ) -> Vm {
         let agent = agent_at(&paths);
+        if let Some(d) = &defaults {
+            // Kept beside the VM for `Vm::attach` (`vmrun exec NAME`); without it commands
+            // there run without the image's env, which the next attach would show.
+            if let Ok(text) = serde_json::to_vec(d) {
+                let _ = std::fs::write(paths.exec_defaults(), text);
+            }
+        }
         Vm {
             paths,
             child: Mutex::new(Some(child)),
             claim: Some(claim),
             agent,
             console,
+            defaults,
         }
     }
 
@@ -164,12 +182,21 @@ impl Vm {
             return Err(RuntimeError::Dead(name.into()).into());
         }
         let agent = agent_at(&paths);
+        // Bounded: the file is this host's own, but a VM directory is not a place to trust.
+        let defaults = std::fs::File::open(paths.exec_defaults())
+            .ok()
+            .and_then(|f| {
+                let mut v = Vec::new();
+                f.take(1 << 20).read_to_end(&mut v).ok()?;
+                serde_json::from_slice(&v).ok()
+            });
         Ok(Vm {
             console: paths.console(),
             child: Mutex::new(None),
             claim: None,
             agent,
             paths,
+            defaults,
         })
     }
 
@@ -289,19 +316,42 @@ impl Vm {
         &self.agent
     }
 
+    /// The defaults commands get here (an image's entrypoint, env, working directory, user).
+    pub fn exec_defaults(&self) -> Option<&ExecDefaults> {
+        self.defaults.as_ref()
+    }
+
+    /// `cmd` with the VM's defaults filled in; an empty argv takes the image's command.
+    fn prepare(&self, cmd: impl Into<Cmd>) -> Result<Exec, VmError> {
+        let mut x = cmd.into().0;
+        if let Some(d) = &self.defaults {
+            if x.argv.is_empty() {
+                x.argv = d.argv.clone();
+            }
+            x = d.apply(x);
+        }
+        if x.argv.is_empty() {
+            return Err(VmError::NoCommand);
+        }
+        Ok(x)
+    }
+
     /// Runs a command to its end and returns its status and output.
     pub fn exec(&self, cmd: impl Into<Cmd>) -> Result<Output, VmError> {
-        self.call(self.agent.exec(cmd.into().0, None))
+        let x = self.prepare(cmd)?;
+        self.call(self.agent.exec(x, None))
     }
 
     /// Runs a command with `stdin` as its input.
     pub fn exec_with_stdin(&self, cmd: impl Into<Cmd>, stdin: &[u8]) -> Result<Output, VmError> {
-        self.call(self.agent.exec(cmd.into().0, Some(stdin)))
+        let x = self.prepare(cmd)?;
+        self.call(self.agent.exec(x, Some(stdin)))
     }
 
     /// Starts a command and returns it running (stdin, output events, resize, signals).
     pub fn spawn(&self, cmd: impl Into<Cmd>) -> Result<Process, VmError> {
-        self.call(self.agent.spawn(cmd.into().0))
+        let x = self.prepare(cmd)?;
+        self.call(self.agent.spawn(x))
     }
 
     pub fn upload_bytes(&self, guest_path: &str, bytes: &[u8], mode: u32) -> Result<u64, VmError> {

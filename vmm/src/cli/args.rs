@@ -26,6 +26,11 @@ pub struct VmArgs {
     /// Default: VMRUN_ROOTFS, else the built ext4 image.
     #[arg(long, value_name = "PATH|none")]
     rootfs: Option<PathBuf>,
+    /// A named image as the root (`vmrun images ls`; made by `vmrun images import` or
+    /// `vmrun commit`): its filesystem and layers below any --layer, and its config's env,
+    /// working directory, user and command for the commands run in the VM.
+    #[arg(long, value_name = "NAME", conflicts_with = "rootfs")]
+    image: Option<String>,
     /// Overlay root: `tmpfs`, an upper disk image (see `vmrun overlay create`), or `none` (a
     /// read-only root whatever GONDOLIN_ROOT_OVERLAY says). Without it,
     /// GONDOLIN_ROOT_OVERLAY=1|true|tmpfs turns on the tmpfs overlay.
@@ -139,6 +144,8 @@ impl VmArgs {
                 Some(p) if p.as_os_str() == "none" => Rootfs::None,
                 Some(p) => Rootfs::Path(p.clone()),
             },
+            image: self.image.clone(),
+            exec_defaults: None,
             overlay: Overlay::from_flags(
                 self.overlay.as_deref(),
                 self.overlay_size.as_deref(),

@@ -98,12 +98,20 @@ enum Command {
         /// JSON: an array of {"kind": "A|C|D", "path": "/…"}.
         #[arg(long)]
         json: bool,
-        /// For a tar: the root image it was taken over (default: the built rootfs).
-        #[arg(long, value_name = "PATH")]
-        rootfs: Option<PathBuf>,
-        /// For a tar: the layers it was taken over, bottom first (repeatable).
-        #[arg(long = "layer", value_name = "TAR|IMAGE")]
-        layers: Vec<PathBuf>,
+        #[command(flatten)]
+        below: BelowArgs,
+    },
+    /// Keep a running VM's stack plus what it wrote (or a capture tar over its stack) as a
+    /// named image for `--image`: the root and layers below, the upper as the top layer, and
+    /// the image's defaults for commands.
+    Commit {
+        #[arg(value_name = "NAME|CAPTURE.tar")]
+        target: String,
+        /// The new image's name.
+        #[arg(value_name = "IMAGE")]
+        new_image: String,
+        #[command(flatten)]
+        below: BelowArgs,
     },
     /// List the VMs: name, state (running or dead), VMM pid, age, memory, vCPUs, overlay.
     Ls,
@@ -204,6 +212,31 @@ enum Command {
     },
 }
 
+/// What a capture tar was taken over (a running VM's stack is known).
+#[derive(clap::Args)]
+struct BelowArgs {
+    /// For a tar: the root image it was taken over (default: the built rootfs).
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
+    rootfs: Option<PathBuf>,
+    /// For a tar: the named image it was taken over (its root and layers).
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
+    /// For a tar: the layers it was taken over, bottom first, above the root or the image's
+    /// layers (repeatable).
+    #[arg(long = "layer", value_name = "TAR|IMAGE")]
+    layers: Vec<PathBuf>,
+}
+
+impl BelowArgs {
+    fn below(&self) -> named::Below<'_> {
+        named::Below {
+            rootfs: self.rootfs.as_deref(),
+            layers: &self.layers,
+            image: self.image.as_deref(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum OverlayAction {
     /// Create a blank upper disk: a sparse image formatted with a filesystem (never overwrites).
@@ -242,8 +275,28 @@ enum ImagesAction {
         /// Build only these (kernel, rootfs, initramfs); all when omitted.
         only: Vec<String>,
     },
-    /// List the images and where they are.
+    /// List the built images and the named ones (`--image NAME`).
     Ls,
+    /// Make a named image from a container image: a `docker save` archive or an OCI image
+    /// layout (a directory or a tar of one). Its layers are flattened into one read-only
+    /// root; its config's entrypoint, env, working directory and user become the defaults
+    /// of commands run with `--image NAME`. Needs root (the layers' owners are kept).
+    Import {
+        #[arg(value_name = "ARCHIVE|DIR")]
+        archive: PathBuf,
+        /// The image's name (default: the archive's tag without registry and path, else the
+        /// archive's file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Which image, where the archive holds several: a tag or ref name.
+        #[arg(long = "ref", value_name = "REF")]
+        reference: Option<String>,
+    },
+    /// Remove named images (VMs running from one keep running).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 struct StderrLogger(log::LevelFilter);
@@ -315,9 +368,13 @@ pub fn main() -> ExitCode {
         Command::Diff {
             target,
             json,
-            rootfs,
-            layers,
-        } => named::diff(&target, rootfs.as_deref(), &layers, json),
+            below,
+        } => named::diff(&target, &below.below(), json),
+        Command::Commit {
+            target,
+            new_image,
+            below,
+        } => named::commit(&target, &new_image, &below.below()),
         Command::Ls => named::ls(),
         Command::Stop { names, all, time } => named::stop(&names, all, Duration::from_secs(time)),
         Command::Run {
@@ -341,8 +398,20 @@ pub fn main() -> ExitCode {
                     path.display()
                 );
             }
+            named::images_ls();
             ExitCode::SUCCESS
         }
+        Command::Images {
+            action:
+                ImagesAction::Import {
+                    archive,
+                    name,
+                    reference,
+                },
+        } => named::images_import(&archive, name.as_deref(), reference.as_deref()),
+        Command::Images {
+            action: ImagesAction::Rm { names },
+        } => named::images_rm(&names),
         Command::Images {
             action: ImagesAction::Build { only },
         } => {
@@ -421,5 +490,18 @@ pub fn main() -> ExitCode {
                 exit_code(EXIT_LAUNCHER)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clap's own checks of every command (duplicate names, conflicting ids), which otherwise
+    /// fire only when that command is parsed.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use vmrun::api::vm::{Vm, VmError};
+use vmrun::launch::ExecDefaults;
 use vmrun::runtime;
 
 use super::args::VmArgs;
@@ -173,61 +174,105 @@ pub fn capture(name: &str, out: &Path) -> ExitCode {
     }
 }
 
-/// `vmrun diff NAME|TAR`: what a running VM's upper layer, or a capture tar, changed against
-/// the stack below it (for a tar: `--rootfs` or the default image, and the `--layer`s).
-pub fn diff(target: &str, rootfs: Option<&Path>, layers: &[PathBuf], json: bool) -> ExitCode {
-    use std::io::{BufReader, Seek};
-    use vmrun::launch::{diff, images, layers as layer};
+/// What lies below a capture tar or a running VM's upper layer.
+pub struct Below<'a> {
+    pub rootfs: Option<&'a Path>,
+    pub layers: &'a [PathBuf],
+    pub image: Option<&'a str>,
+}
+
+/// An upper layer as a tar: the user's file, or a temporary one captured from a VM (gone
+/// when dropped).
+enum Upper {
+    Tar(PathBuf),
+    Captured(tempfile::NamedTempFile),
+}
+
+impl Upper {
+    fn path(&self) -> &Path {
+        match self {
+            Upper::Tar(p) => p,
+            Upper::Captured(t) => t.path(),
+        }
+    }
+}
+
+/// The upper layer of `target` (a capture tar, or the running VM of that name), the stack
+/// below it (root image first), and the defaults commands had there. `what` names the
+/// command in errors.
+fn upper_and_stack(
+    what: &str,
+    target: &str,
+    below: &Below,
+) -> Result<(Upper, Vec<PathBuf>, Option<ExecDefaults>), ExitCode> {
+    use vmrun::launch::{images, layers as layer, store};
+    let fail = |e: String| launcher_error(format!("{what} {target}: {e}"));
     let tar = Path::new(target);
-    let (upper, stack) = if tar.is_file() {
-        let root = rootfs.map_or_else(images::default_rootfs, Path::to_path_buf);
+    if tar.is_file() {
+        let (root, mut wanted, defaults) = match below.image {
+            Some(name) => {
+                let i = store::load(name).map_err(|e| fail(e.to_string()))?;
+                (i.root, i.layers, Some(i.defaults))
+            }
+            None => (
+                below
+                    .rootfs
+                    .map_or_else(images::default_rootfs, Path::to_path_buf),
+                vec![],
+                None,
+            ),
+        };
         if !root.is_file() {
-            return launcher_error(format!(
-                "rootfs {}: not found; give the image the capture was taken over with --rootfs PATH",
+            return Err(fail(format!(
+                "rootfs {}: not found; give the image the capture was taken over with --rootfs PATH or --image NAME",
                 root.display()
-            ));
+            )));
         }
+        wanted.extend(below.layers.iter().cloned());
         let mut stack = vec![root];
-        match layer::images_for(layers) {
-            Ok(l) => stack.extend(l),
-            Err(e) => return launcher_error(e),
-        }
-        match std::fs::File::open(tar) {
-            Ok(f) => (f, stack),
-            Err(e) => return launcher_error(format!("diff {target}: {e}")),
-        }
-    } else {
-        if rootfs.is_some() || !layers.is_empty() {
-            return launcher_error(format!(
-                "diff {target}: --rootfs and --layer describe what a capture tar was taken over; a running VM's stack is its own (or no file {target} exists)"
-            ));
-        }
-        let vm = match attach(target) {
-            Ok(v) => v,
-            Err(code) => return code,
-        };
-        let stack = runtime::find(target)
-            .ok()
-            .and_then(|p| p.record())
-            .map(|r| r.lower)
-            .unwrap_or_default();
-        if stack.is_empty() {
-            return launcher_error(format!(
-                "diff {target}: the VM has no overlay (or was started by an older vmrun), so nothing it wrote is kept apart"
-            ));
-        }
-        // An unnamed file: nothing is left behind whatever happens.
-        let mut f = match tempfile::tempfile() {
-            Ok(f) => f,
-            Err(e) => return launcher_error(format!("diff {target}: a temporary file: {e}")),
-        };
-        if let Err(e) = vm.capture_overlay(&mut f) {
-            return launcher_error(format!("diff {target}: capture: {e}"));
-        }
-        if let Err(e) = f.rewind() {
-            return launcher_error(format!("diff {target}: {e}"));
-        }
-        (f, stack)
+        stack.extend(layer::images_for(&wanted).map_err(|e| fail(e.to_string()))?);
+        return Ok((Upper::Tar(tar.to_path_buf()), stack, defaults));
+    }
+    if below.rootfs.is_some() || below.image.is_some() || !below.layers.is_empty() {
+        return Err(fail(format!(
+            "--rootfs, --image and --layer describe what a capture tar was taken over; a running VM's stack is its own (or no file {target} exists)"
+        )));
+    }
+    let vm = attach(target)?;
+    let stack = runtime::find(target)
+        .ok()
+        .and_then(|p| p.record())
+        .map(|r| r.lower)
+        .unwrap_or_default();
+    if stack.is_empty() {
+        return Err(fail(
+            "the VM has no overlay (or was started by an older vmrun), so nothing it wrote is kept apart".into(),
+        ));
+    }
+    // Removed when dropped, whatever happens.
+    let mut t = tempfile::Builder::new()
+        .prefix(".vmrun-capture-")
+        .suffix(".tar")
+        .tempfile()
+        .map_err(|e| fail(format!("a temporary file: {e}")))?;
+    vm.capture_overlay(t.as_file_mut())
+        .map_err(|e| fail(format!("capture: {e}")))?;
+    Ok((Upper::Captured(t), stack, vm.exec_defaults().cloned()))
+}
+
+/// `vmrun diff NAME|TAR`: what a running VM's upper layer, or a capture tar, changed against
+/// the stack below it (for a tar: `--image`, `--rootfs` or the default image, and the
+/// `--layer`s).
+pub fn diff(target: &str, below: &Below, json: bool) -> ExitCode {
+    use std::io::BufReader;
+    use vmrun::launch::diff;
+    let (upper, stack, _) = match upper_and_stack("diff", target, below) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    let upper = match std::fs::File::open(upper.path()) {
+        Ok(f) => f,
+        Err(e) => return launcher_error(format!("diff {target}: {e}")),
     };
     match diff::with_lower(&stack, |lower| diff::changes(BufReader::new(upper), lower)) {
         Ok(Ok(c)) => {
@@ -283,4 +328,104 @@ pub fn no_vm_options(name: &str, args: &VmArgs) -> Result<(), ExitCode> {
             "{name} is already running: VM options apply only when a command starts a VM; drop them (or `vmrun stop {name}` and start it again with them)"
         )))
     }
+}
+
+/// `vmrun commit NAME|TAR IMAGE`: the stack below a running VM's upper layer (or below a
+/// capture tar) with that upper as its top layer, kept as the named image IMAGE.
+pub fn commit(target: &str, image: &str, below: &Below) -> ExitCode {
+    use vmrun::launch::store;
+    if !store::valid_name(image) {
+        return launcher_error(store::StoreError::BadName(image.into()));
+    }
+    let (upper, stack, defaults) = match upper_and_stack("commit", target, below) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    let source = match &upper {
+        Upper::Tar(p) => format!("commit {}", p.display()),
+        Upper::Captured(_) => format!("commit VM {target}"),
+    };
+    match store::commit_in(
+        &store::images_dir(),
+        image,
+        source,
+        &stack[0],
+        &stack[1..],
+        Some(upper.path()),
+        defaults.unwrap_or_default(),
+    ) {
+        Ok(i) => {
+            println!(
+                "{}: {} layers over {}; boot it with --image {}",
+                i.name,
+                i.layers.len(),
+                stack[0].display(),
+                i.name
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => launcher_error(format!("commit {target}: {e}")),
+    }
+}
+
+/// The named images, after the built ones in `vmrun images ls`.
+pub fn images_ls() {
+    use vmrun::launch::store;
+    let dir = store::images_dir();
+    let all = store::list_in(&dir);
+    println!();
+    if all.is_empty() {
+        println!(
+            "no named images in {} (`vmrun images import ARCHIVE` makes one)",
+            dir.display()
+        );
+        return;
+    }
+    println!(
+        "{:<24} {:>9} {:>6} {:>6}  SOURCE",
+        "NAME", "SIZE", "LAYERS", "AGE"
+    );
+    for i in all {
+        match i {
+            Ok(i) => println!(
+                "{:<24} {:>8}M {:>6} {:>6}  {}",
+                i.name,
+                i.size().div_ceil(1 << 20),
+                i.layers.len(),
+                age(i.created),
+                i.source
+            ),
+            Err((name, e)) => println!("{name:<24} broken: {e}"),
+        }
+    }
+}
+
+/// `vmrun images import`.
+pub fn images_import(archive: &Path, name: Option<&str>, reference: Option<&str>) -> ExitCode {
+    let t0 = std::time::Instant::now();
+    match vmrun::launch::store::import(archive, name, reference) {
+        Ok(i) => {
+            println!(
+                "{}: {} MiB, imported in {:.1}s; boot it with --image {}",
+                i.name,
+                i.size().div_ceil(1 << 20),
+                t0.elapsed().as_secs_f64(),
+                i.name
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => launcher_error(format!("images import: {e}")),
+    }
+}
+
+/// `vmrun images rm`.
+pub fn images_rm(names: &[String]) -> ExitCode {
+    let dir = vmrun::launch::store::images_dir();
+    let mut code = ExitCode::SUCCESS;
+    for n in names {
+        if let Err(e) = vmrun::launch::store::remove_in(&dir, n) {
+            code = launcher_error(e);
+        }
+    }
+    code
 }

@@ -72,8 +72,13 @@ pub struct CmdArgs {
     /// Kill the command's process group after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
-    /// The command and its arguments (after `--`).
-    #[arg(required = true, last = true)]
+    /// Run as this user in the guest, UID[:GID] (GID defaults to UID; default: the image's
+    /// user, else root).
+    #[arg(long, short = 'u', value_name = "UID[:GID]")]
+    user: Option<String>,
+    /// The command and its arguments (after `--`); without one, the command of the VM's
+    /// image (`--image`) runs.
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -88,10 +93,23 @@ impl CmdArgs {
                     .ok_or_else(|| format!("--env {kv}: use K=V"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let (uid, gid) = match &self.user {
+            None => (None, None),
+            Some(u) => {
+                let num = |t: &str| {
+                    t.parse::<u32>()
+                        .map_err(|_| format!("--user {u}: give UID[:GID] as numbers"))
+                };
+                let (a, b) = u.split_once(':').unwrap_or((u, u));
+                (Some(num(a)?), Some(num(b)?))
+            }
+        };
         Ok(Exec {
             argv: self.command.clone(),
             env,
             cwd: self.workdir.clone(),
+            uid,
+            gid,
             timeout_ms: self.timeout.map(|t| t * 1000),
             stdin,
             ..Default::default()

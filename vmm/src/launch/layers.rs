@@ -66,17 +66,99 @@ pub enum LayerError {
     Mkfs { path: PathBuf, why: String },
 }
 
-/// The failure of one entry while unpacking (the caller adds the layer's path).
-#[derive(Debug)]
-enum Step {
-    Tar(TarError),
+/// The failure of one tar while unpacking (the caller names the tar).
+#[derive(Debug, Error)]
+pub enum Step {
+    #[error(transparent)]
+    Tar(#[from] TarError),
+    #[error("entry {0:?}: {1}")]
     Entry(PathBuf, String),
 }
 
-impl From<TarError> for Step {
-    fn from(e: TarError) -> Self {
-        Step::Tar(e)
+/// How a tar's whiteouts are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whiteouts {
+    /// Kept as overlayfs reads them in a lower layer (a capture becoming a layer of its own,
+    /// unpacked into an empty tree).
+    Keep,
+    /// Applied to the tree already there (layers flattened into one tree, bottom first):
+    /// overlayfs' whiteouts (char 0/0) and OCI's (`.wh.NAME`) delete what earlier layers
+    /// put there, and opaque directories (`trusted.overlay.opaque`, `.wh..wh..opq`) drop
+    /// what earlier layers put in them.
+    Apply,
+}
+
+/// OCI's whiteout prefix, and its opaque-directory marker.
+const WH_PREFIX: &[u8] = b".wh.";
+const WH_OPAQUE: &[u8] = b".wh..wh..opq";
+/// Bytes of path one applied layer may write (what it wrote is kept until its end, so that
+/// its opaque directories keep it).
+const WRITTEN_BUDGET: usize = 64 << 20;
+
+/// The paths one applied layer wrote, with their ancestors.
+struct Written {
+    paths: std::collections::HashSet<PathBuf>,
+    bytes: usize,
+}
+
+impl Written {
+    fn add(&mut self, rel: &Path) -> Result<(), String> {
+        for a in rel.ancestors() {
+            if a.as_os_str().is_empty() || self.paths.contains(a) {
+                break;
+            }
+            self.bytes += a.as_os_str().len() + 1;
+            if self.bytes > WRITTEN_BUDGET {
+                return Err(format!(
+                    "the layer writes more than {} MiB of paths",
+                    WRITTEN_BUDGET >> 20
+                ));
+            }
+            self.paths.insert(a.to_path_buf());
+        }
+        Ok(())
     }
+}
+
+/// `rel` in `root` when it and the directories above it exist and those are directories;
+/// `None` when something on the way is missing. Never passes through a symlink.
+fn existing(root: &Path, rel: &Path) -> Result<Option<PathBuf>, String> {
+    match parents(root, rel, false) {
+        Ok(()) => {}
+        Err(e) if e == MISSING => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let p = root.join(rel);
+    Ok(fs::symlink_metadata(&p).is_ok().then_some(p))
+}
+
+/// Removes whatever is at `p` (a directory with all it holds; a symlink itself).
+fn remove_any(p: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(|e| e.to_string()),
+        Ok(_) => fs::remove_file(p).map_err(|e| e.to_string()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Drops from the directory `rel` everything the layer being applied did not write.
+fn make_opaque(root: &Path, rel: &Path, written: &Written) -> Result<(), String> {
+    let Some(dir) = existing(root, rel)? else {
+        return Ok(());
+    };
+    if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    for e in fs::read_dir(&dir).map_err(|e| e.to_string())? {
+        let e = e.map_err(|e| e.to_string())?;
+        let child = rel.join(e.file_name());
+        if !written.paths.contains(&child) {
+            remove_any(&e.path())?;
+        } else if e.file_type().is_ok_and(|t| t.is_dir()) {
+            make_opaque(root, &child, written)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether `path` holds an erofs filesystem (an already built layer).
@@ -160,7 +242,7 @@ pub fn image_for(src: &Path, cache: &Path) -> Result<PathBuf, LayerError> {
 
 /// `mkfs.erofs` over `tree`: uncompressed (decompression would be guest ring-0 work, which is
 /// emulated on PVM hosts), mtimes kept. `None`: the tool is missing.
-fn mkfs(tree: &Path, image: &Path) -> Result<(), Option<String>> {
+pub fn mkfs(tree: &Path, image: &Path) -> Result<(), Option<String>> {
     let out = Command::new("mkfs.erofs")
         .arg("--quiet")
         .arg("--preserve-mtime")
@@ -183,6 +265,9 @@ fn cstr(p: &Path) -> Result<CString, String> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| "a path with a NUL byte".to_string())
 }
 
+/// What [`parents`] says when asked not to create and a directory is missing.
+const MISSING: &str = "a directory above it is missing";
+
 /// Makes the directories above `rel` in `root`, refusing to pass through anything that is
 /// not a directory (a symlink an earlier entry made, above all).
 fn parents(root: &Path, rel: &Path, create: bool) -> Result<(), String> {
@@ -203,6 +288,7 @@ fn parents(root: &Path, rel: &Path, create: bool) -> Result<(), String> {
             Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                 fs::create_dir(&at).map_err(|e| e.to_string())?
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MISSING.into()),
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -300,7 +386,7 @@ fn set_meta(p: &Path, item: &Item, is_link: bool) -> Result<(), String> {
 /// Unpacks the tar `r` (the layer `src`, for messages) into `root`, an empty directory only
 /// this process writes; nothing is written outside it.
 pub fn unpack_into(src: &Path, r: impl Read, root: &Path) -> Result<(), LayerError> {
-    unpack(r, root, &Limits::default()).map_err(|e| match e {
+    unpack(r, root, &Limits::default(), Whiteouts::Keep).map_err(|e| match e {
         Step::Tar(source) => LayerError::Tar {
             path: src.to_path_buf(),
             source,
@@ -313,15 +399,50 @@ pub fn unpack_into(src: &Path, r: impl Read, root: &Path) -> Result<(), LayerErr
     })
 }
 
-/// Unpacks the tar `r` into `root` (an empty directory only this process writes).
-fn unpack(r: impl Read, root: &Path, limits: &Limits) -> Result<(), Step> {
+/// Unpacks the tar `r` into `root`, a directory only this process writes: empty for
+/// [`Whiteouts::Keep`], the tree of the layers below for [`Whiteouts::Apply`].
+pub fn unpack(
+    r: impl Read,
+    root: &Path,
+    limits: &Limits,
+    whiteouts: Whiteouts,
+) -> Result<(), Step> {
     // Directories get their mode and times last: entries inside would change the times, and
     // a read-only mode would stop them.
     let mut dirs: Vec<(PathBuf, Item)> = Vec::new();
+    let mut written = Written {
+        paths: Default::default(),
+        bytes: 0,
+    };
+    let apply = whiteouts == Whiteouts::Apply;
     tarball::for_each(r, limits, |item, data| {
         let rel = item.path.clone();
         let fail = |why: String| Step::Entry(rel.clone(), why);
         let p = root.join(&rel);
+        if apply {
+            let name = rel.file_name().map_or(&b""[..], |n| n.as_bytes());
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            if name == WH_OPAQUE {
+                return make_opaque(root, parent, &written).map_err(fail);
+            }
+            let hidden = if let Some(n) = name.strip_prefix(WH_PREFIX) {
+                Some(parent.join(std::ffi::OsStr::from_bytes(n)))
+            } else if item.kind == Kind::Whiteout {
+                Some(rel.clone())
+            } else {
+                None
+            };
+            if let Some(h) = hidden {
+                // What this layer wrote itself stays: a whiteout hides the layers below.
+                if !written.paths.contains(&h) {
+                    if let Some(at) = existing(root, &h).map_err(fail)? {
+                        remove_any(&at).map_err(fail)?;
+                    }
+                }
+                return Ok(());
+            }
+            written.add(&rel).map_err(fail)?;
+        }
         if rel.as_os_str().is_empty() {
             if item.kind != Kind::Dir {
                 return Err(fail("the root of the tree is not a directory".into()));
@@ -382,7 +503,11 @@ fn unpack(r: impl Read, root: &Path, limits: &Limits) -> Result<(), Step> {
             }
         }
         for (name, value) in &item.xattrs {
-            if kept_xattr(name) {
+            if apply && name == b"trusted.overlay.opaque" {
+                if item.kind == Kind::Dir && value == b"y" {
+                    make_opaque(root, &rel, &written).map_err(fail)?;
+                }
+            } else if kept_xattr(name) {
                 set_xattr(&p, name, value).map_err(fail)?;
             }
         }
@@ -395,6 +520,10 @@ fn unpack(r: impl Read, root: &Path, limits: &Limits) -> Result<(), Step> {
         Ok(())
     })?;
     for (p, item) in dirs.iter().rev() {
+        // A later entry of the stream may have replaced the directory.
+        if !fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
         set_meta(p, item, false).map_err(|why| Step::Entry(item.path.clone(), why))?;
     }
     Ok(())
@@ -450,7 +579,7 @@ mod tests {
 
     fn unpack_into(t: &[u8]) -> (tempfile::TempDir, Result<(), Step>) {
         let d = tempfile::tempdir().unwrap();
-        let r = unpack(t, d.path(), &Limits::default());
+        let r = unpack(t, d.path(), &Limits::default(), Whiteouts::Keep);
         (d, r)
     }
 
@@ -480,6 +609,60 @@ mod tests {
         assert_eq!(fs::read(p.join("deep/er/file")).unwrap(), b"x");
         use std::os::unix::fs::MetadataExt;
         assert_eq!(fs::metadata(p.join("etc")).unwrap().mtime(), 1_000_000);
+    }
+
+    #[test]
+    fn applied_layers_delete_and_hide_what_is_below() {
+        let d = tempfile::tempdir().unwrap();
+        let base = tar_of(&[
+            (T::Directory, "d", b"", None),
+            (T::Regular, "d/old", b"1", None),
+            (T::Directory, "d/sub", b"", None),
+            (T::Regular, "d/sub/deep", b"2", None),
+            (T::Regular, "f", b"3", None),
+            (T::Regular, "g", b"4", None),
+        ]);
+        unpack(&base[..], d.path(), &Limits::default(), Whiteouts::Apply).unwrap();
+        // Overlayfs' form: a char 0/0 whiteout and an opaque mark; the layer's own entries in
+        // the opaque directory stay whichever comes first.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(T::Regular, "d/sub/mine", 1);
+        b.append(&h, &b"m"[..]).unwrap();
+        h = header(T::Directory, "d", 0);
+        b.append_pax_extensions([("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..])])
+            .unwrap();
+        b.append(&h, io::empty()).unwrap();
+        b.append(&header(T::Char, "f", 0), io::empty()).unwrap();
+        b.append(&header(T::Regular, ".wh.g", 0), io::empty())
+            .unwrap();
+        b.append(&header(T::Regular, ".wh.never-there", 0), io::empty())
+            .unwrap();
+        let top = b.into_inner().unwrap();
+        unpack(&top[..], d.path(), &Limits::default(), Whiteouts::Apply)
+            .map_err(|e| e.to_string())
+            .unwrap();
+        let p = d.path();
+        assert!(!p.join("d/old").exists() && !p.join("d/sub/deep").exists());
+        assert_eq!(fs::read(p.join("d/sub/mine")).unwrap(), b"m");
+        assert_eq!(describe(&p.join("f")), None);
+        assert_eq!(describe(&p.join("g")), None);
+        assert_eq!(describe(&p.join(".wh.g")), None);
+        assert_eq!(xattr_of(&p.join("d")), None);
+    }
+
+    fn xattr_of(p: &Path) -> Option<Vec<u8>> {
+        let c = cstr(p).unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: NUL-terminated path and name; the buffer is valid for its length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        (n >= 0).then(|| buf[..n as usize].to_vec())
     }
 
     #[test]

@@ -7,8 +7,10 @@ pub mod cmdline;
 pub mod diff;
 pub mod images;
 pub mod layers;
+pub mod oci;
 pub mod overlay;
 pub mod snapshot;
+pub mod store;
 pub mod tarball;
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,7 @@ use crate::devices::legacy::serial::ConsoleSink;
 use crate::host::compat::Compat;
 use layers::LayerError;
 use overlay::{Overlay, OverlayError};
+use store::StoreError;
 
 /// Guest memory unless asked otherwise: room for a shell, package tools and a tmpfs upper
 /// (half of RAM by default) without tuning.
@@ -43,6 +46,44 @@ pub enum Rootfs {
     Path(PathBuf),
 }
 
+/// What commands run in a VM get unless they say otherwise: an image's entrypoint and
+/// command, env, working directory and user (`vmrun images import` reads them from a
+/// container image's config).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecDefaults {
+    /// What runs when no command is given (entrypoint, then command).
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl ExecDefaults {
+    /// `x` with these defaults filled in: env entries it does not set, and the working
+    /// directory and user where it names none.
+    pub fn apply(&self, mut x: vmrun_protocol::agent::Exec) -> vmrun_protocol::agent::Exec {
+        if !x.clear_env {
+            let mut env: Vec<(String, String)> = self
+                .env
+                .iter()
+                .filter(|(k, _)| !x.env.iter().any(|(k2, _)| k2 == k))
+                .cloned()
+                .collect();
+            env.append(&mut x.env);
+            x.env = env;
+        }
+        if x.cwd.is_none() {
+            x.cwd = self.cwd.clone();
+        }
+        if x.uid.is_none() && x.gid.is_none() {
+            x.uid = self.uid;
+            x.gid = self.gid;
+        }
+        x
+    }
+}
+
 /// Everything a user can ask of a VM. `None` and `Default` fields are decided at
 /// [`resolve`] time from the environment and the built images.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +93,11 @@ pub struct VmOptions {
     /// Default: `VMRUN_INITRAMFS`, else the built initramfs.
     pub initrd: Option<PathBuf>,
     pub rootfs: Rootfs,
+    /// A named image (`vmrun images ls`): its root and layers below `layers`, its defaults
+    /// for commands. Resolved (and dropped) at [`resolve`] time.
+    pub image: Option<String>,
+    /// Defaults for the commands run in the VM (the image's, once resolved).
+    pub exec_defaults: Option<ExecDefaults>,
     /// The upper layer; `None`: `GONDOLIN_ROOT_OVERLAY` decides (else no overlay).
     pub overlay: Option<Overlay>,
     /// Read-only layers above the root disk, bottom first: capture tars (turned into cached
@@ -120,6 +166,8 @@ impl Default for VmOptions {
             kernel: None,
             initrd: None,
             rootfs: Rootfs::Default,
+            image: None,
+            exec_defaults: None,
             overlay: None,
             layers: vec![],
             disks: vec![],
@@ -153,6 +201,10 @@ pub enum LaunchError {
     LayersWithoutRoot,
     #[error(transparent)]
     Layer(#[from] LayerError),
+    #[error(transparent)]
+    Image(#[from] StoreError),
+    #[error("--image and --rootfs both name the root; drop one")]
+    ImageAndRootfs,
     #[error("--exec {0:?}: double quotes cannot be passed on the kernel command line")]
     ExecQuote(String),
     #[error("cannot probe this host's KVM: {0}")]
@@ -173,17 +225,30 @@ pub struct Resolved {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub memory_mib: u64,
+    /// The defaults for commands: the image's, else the options'.
+    pub exec_defaults: Option<ExecDefaults>,
 }
 
 /// Resolves `opts`; `env_overlay` is the value of `GONDOLIN_ROOT_OVERLAY`.
 pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, LaunchError> {
     let user = opts.cmdline.as_deref().unwrap_or("");
     let overlay = overlay::resolve(opts.overlay.as_ref(), env_overlay, user)?;
-    let rootfs = match &opts.rootfs {
-        Rootfs::None => None,
-        Rootfs::Path(p) => Some(p.clone()),
-        Rootfs::Default => Some(images::default_rootfs()),
+    let image = match &opts.image {
+        Some(_) if opts.rootfs != Rootfs::Default => return Err(LaunchError::ImageAndRootfs),
+        Some(name) => Some(store::load(name)?),
+        None => None,
     };
+    let rootfs = match (&opts.rootfs, &image) {
+        (_, Some(i)) => Some(i.root.clone()),
+        (Rootfs::None, _) => None,
+        (Rootfs::Path(p), _) => Some(p.clone()),
+        (Rootfs::Default, _) => Some(images::default_rootfs()),
+    };
+    let wanted: Vec<PathBuf> = image
+        .iter()
+        .flat_map(|i| i.layers.iter().cloned())
+        .chain(opts.layers.iter().cloned())
+        .collect();
     let mut disks = Vec::new();
     let mut ours = Vec::new();
     match rootfs {
@@ -209,12 +274,12 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
             read_only: false,
         });
     }
-    let layers = if opts.layers.is_empty() {
+    let layers = if wanted.is_empty() {
         vec![]
     } else if disks.is_empty() {
         return Err(LaunchError::LayersWithoutRoot);
     } else {
-        layers::images_for(&opts.layers)?
+        layers::images_for(&wanted)?
     };
     let mut devices = Vec::new();
     for l in &layers {
@@ -261,6 +326,9 @@ pub fn resolve(opts: &VmOptions, env_overlay: Option<&str>) -> Result<Resolved, 
         } else {
             DEFAULT_MEMORY_MIB
         }),
+        exec_defaults: image
+            .map(|i| i.defaults)
+            .or_else(|| opts.exec_defaults.clone()),
     })
 }
 
@@ -317,6 +385,8 @@ impl VmOptions {
         VmOptions {
             kernel: Some(r.kernel.clone()),
             initrd: Some(r.initrd.clone()),
+            image: None,
+            exec_defaults: r.exec_defaults.clone(),
             rootfs: match &self.rootfs {
                 Rootfs::Default => r
                     .disks
@@ -333,7 +403,8 @@ impl VmOptions {
     }
 
     /// The `vmrun boot` arguments that carry these options (what the library spawns the VMM
-    /// process with). The CLI parses them back into the same options.
+    /// process with). The CLI parses them back into the same options, but for
+    /// `exec_defaults`, which only the library's side uses.
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut flag = |name: &str, value: OsString| {
@@ -364,6 +435,9 @@ impl VmOptions {
                 flag("overlay", path.into());
                 flag("overlay-fstype", fstype.into());
             }
+        }
+        if let Some(i) = &self.image {
+            flag("image", i.into());
         }
         for l in &self.layers {
             flag("layer", l.into());

@@ -75,6 +75,9 @@ pub struct Item {
     pub mtime: u64,
     /// From PAX `SCHILY.xattr.NAME` records, in stream order.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Where the entry's data starts in the stream (for reading a file of a tar on disk in
+    /// place).
+    pub offset: u64,
 }
 
 fn entry_err(path: &[u8], why: impl Into<String>) -> TarError {
@@ -330,6 +333,7 @@ pub fn for_each<R: Read, E: From<TarError>>(
             gid,
             mtime,
             xattrs,
+            offset: e.raw_file_position(),
         };
         if matches!(item.kind, Kind::File { .. }) {
             f(item, &mut e)?;
