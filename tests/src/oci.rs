@@ -47,7 +47,10 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
 }
 
 fn hex(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn descriptor(media: &str, blob: &[u8]) -> String {
@@ -88,7 +91,10 @@ pub fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)], run: &str, reference
     put(config.as_bytes());
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[{}]}}"#,
-        descriptor("application/vnd.oci.image.config.v1+json", config.as_bytes()),
+        descriptor(
+            "application/vnd.oci.image.config.v1+json",
+            config.as_bytes()
+        ),
         descs.join(",")
     );
     put(manifest.as_bytes());
@@ -114,7 +120,8 @@ const APPLETS: &[&str] = &[
 ];
 
 /// What the BusyBox image's entrypoint prints: its env, working directory and user.
-pub const HELLO: &str = "#!/bin/sh\necho \"hello from $GREETING in $(pwd) as $(id -u):$(id -g) $*\"\n";
+pub const HELLO: &str =
+    "#!/bin/sh\necho \"hello from $GREETING in $(pwd) as $(id -u):$(id -g) $*\"\n";
 
 /// An OCI layout tar at `dir/busybox-oci.tar` of a runnable image: layer 1 holds the host's
 /// static BusyBox, its applets, users and `/etc/motd` and `/srv/old`; layer 2 (gzip) adds

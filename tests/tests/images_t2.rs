@@ -36,7 +36,12 @@ fn mounted_view(img: &Path, rels: &[&'static str]) -> (Vec<String>, Vec<(String,
         while let Some(p) = stack.pop() {
             for e in std::fs::read_dir(&p).unwrap() {
                 let e = e.unwrap();
-                let rel = e.path().strip_prefix(m.path()).unwrap().display().to_string();
+                let rel = e
+                    .path()
+                    .strip_prefix(m.path())
+                    .unwrap()
+                    .display()
+                    .to_string();
                 if e.file_type().unwrap().is_dir() {
                     stack.push(e.path());
                 }
@@ -75,7 +80,10 @@ fn an_imported_image_is_its_layers_applied_and_commits_stack_on_it() {
     };
     let store_dir = d.path().join("images");
     let img = store::import_in(&store_dir, &archive, None, None).unwrap();
-    assert_eq!(img.name, "busybox:1", "named after its ref, registry dropped");
+    assert_eq!(
+        img.name, "busybox:1",
+        "named after its ref, registry dropped"
+    );
     assert!(img.layers.is_empty(), "one flattened root");
     let dfl = &img.defaults;
     assert_eq!(dfl.argv, vec!["/app/hello.sh", "world"]);
@@ -139,7 +147,10 @@ fn an_imported_image_is_its_layers_applied_and_commits_stack_on_it() {
     let cap = d.path().join("cap.tar");
     std::fs::write(
         &cap,
-        layer_tar(&[Entry::Dir("app"), Entry::File("app/added", b"added\n", 0o644)]),
+        layer_tar(&[
+            Entry::Dir("app"),
+            Entry::File("app/added", b"added\n", 0o644),
+        ]),
     )
     .unwrap();
     let cli = |args: &[&str]| {

@@ -162,6 +162,13 @@ impl VmBuilder {
         self.opts.layers.push(path.into());
         self
     }
+    /// A named image (`vmrun images import`, `vmrun commit`) as the root: its filesystem and
+    /// layers below any [`layer`](Self::layer), and its config's env, working directory, user
+    /// and command as the defaults of [`Vm::exec`](super::Vm::exec) and friends.
+    pub fn image(mut self, name: impl Into<String>) -> Self {
+        self.opts.image = Some(name.into());
+        self
+    }
     /// Extra disk after the rootfs (and the overlay disk and the layers).
     pub fn disk(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
         self.opts.disks.push(DiskConfig {
