@@ -2,11 +2,12 @@
 //! BusyBox OCI image built here is imported; a VM started with `--image` runs the image's
 //! entrypoint when given no command and every command with the image's env, working
 //! directory and user (a command's own `--user` wins), and sees the image's whiteouts taken
-//! effect; what it writes is committed as a new image, which the next VM boots (read-only,
+//! effect; a snapshot of it keeps those defaults; what it writes is committed as a new image, which the next VM boots (read-only,
 //! no upper) with the write in place and the defaults inherited.
 
 use std::path::Path;
 
+use vmrun::launch::snapshot::SNAPSHOT_DIR_ENV;
 use vmrun::launch::store::IMAGE_DIR_ENV;
 use vmrun_tests::cli::{run, vmrun_in};
 use vmrun_tests::oci::busybox_image;
@@ -14,7 +15,9 @@ use vmrun_tests::{t4_images, Budget};
 
 fn cli(rt: &Path, store: &Path, args: &[&str], budget: &Budget) -> (i32, String, String) {
     let mut c = vmrun_in(rt);
-    c.env(IMAGE_DIR_ENV, store).args(args);
+    c.env(IMAGE_DIR_ENV, store)
+        .env(SNAPSHOT_DIR_ENV, store.join("snapshots"))
+        .args(args);
     run(c, b"", budget)
 }
 
@@ -108,6 +111,15 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
         &op,
     );
     assert_eq!(out, "0\n");
+    // A snapshot keeps the defaults: a VM restored from it runs the entrypoint too.
+    ok(
+        &rt,
+        &store,
+        &["snapshot", "create", "snap", "--from", "img"],
+        &boot,
+    );
+    let out = ok(&rt, &store, &["exec", "--from", "snap"], &boot);
+    assert_eq!(out, "hello from oci in /app as 1000:1000 world\n");
     let out = ok(&rt, &store, &["diff", "img"], &op);
     assert!(out.lines().any(|l| l == "A /srv/mine"), "{out}");
     let out = ok(&rt, &store, &["commit", "img", "kept"], &op);

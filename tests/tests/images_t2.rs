@@ -79,7 +79,9 @@ fn an_imported_image_is_its_layers_applied_and_commits_stack_on_it() {
         return;
     };
     let store_dir = d.path().join("images");
-    let img = store::import_in(&store_dir, &archive, None, None).unwrap();
+    let report = store::import_in(&store_dir, &archive, None, None).unwrap();
+    assert_eq!((report.layers, report.skipped_devices), (2, 0));
+    let img = report.image;
     assert_eq!(
         img.name, "busybox:1",
         "named after its ref, registry dropped"

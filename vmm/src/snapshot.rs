@@ -23,8 +23,9 @@ use crate::devices::virtio::mmio::TransportState;
 use crate::vstate::vm::VmState;
 
 pub const MAGIC: [u8; 8] = *b"VMRUNSNP";
-/// Bumped whenever the body changes shape; other versions are refused, never guessed at.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the body changes shape (2: the launch options gained the image and its
+/// command defaults); other versions are refused, never guessed at.
+pub const FORMAT_VERSION: u32 = 2;
 /// Upper bound of the body: the machine state of the largest VM is far below it.
 pub const MAX_BODY: u64 = 16 << 20;
 const PREFIX: usize = 8 + 4 + 8;

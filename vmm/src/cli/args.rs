@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use vmrun::api::{BootProtocol, Compat, DiskConfig, Overlay, Rootfs, VmOptions};
 use vmrun::config::{VsockConfig, DEFAULT_CID};
 use vmrun::launch::overlay::OverlayError;
-use vmrun::launch::JailUser;
+use vmrun::launch::{ExecDefaults, JailUser};
 
 /// Options every command that starts a VM shares.
 #[derive(clap::Args, Clone, Debug)]
@@ -116,6 +116,14 @@ pub struct BootArgs {
     /// snapshot's own options with it).
     #[arg(long, value_name = "DIR", hide = true)]
     pub restore: Option<PathBuf>,
+    /// The defaults of the commands run in the VM (an image's config), as JSON: the library
+    /// passes them so that the snapshots the VMM takes keep them.
+    #[arg(long, value_name = "JSON", hide = true, value_parser = parse_defaults)]
+    exec_defaults: Option<ExecDefaults>,
+}
+
+fn parse_defaults(s: &str) -> Result<ExecDefaults, String> {
+    serde_json::from_str(s).map_err(|e| format!("not the command defaults vmrun writes: {e}"))
 }
 
 /// `PATH,ro` → (PATH, read-only).
@@ -190,6 +198,7 @@ impl BootArgs {
     pub fn options(&self) -> Result<VmOptions, OverlayError> {
         Ok(VmOptions {
             exec: self.exec.clone(),
+            exec_defaults: self.exec_defaults.clone(),
             vsock: self.vsock.clone().map(|uds_path| VsockConfig {
                 cid: self.vsock_cid,
                 uds_path,
@@ -221,6 +230,10 @@ mod tests {
         let samples = vec![
             VmOptions::default(),
             VmOptions {
+                image: Some("debian:12".into()),
+                ..Default::default()
+            },
+            VmOptions {
                 kernel: Some("/k/vmlinux".into()),
                 initrd: Some("/i/initramfs.cpio".into()),
                 rootfs: Rootfs::None,
@@ -230,6 +243,13 @@ mod tests {
                 compat: Compat::Pvm,
                 boot_protocol: BootProtocol::Linux64,
                 exec: Some("/bin/sh -c 'exit 3'".into()),
+                exec_defaults: Some(ExecDefaults {
+                    argv: vec!["/app/run".into(), "--flag=\"x y\"".into()],
+                    env: vec![("PATH".into(), "/app:/bin".into())],
+                    cwd: Some("/app".into()),
+                    uid: Some(1000),
+                    gid: Some(1000),
+                }),
                 ..Default::default()
             },
             VmOptions {

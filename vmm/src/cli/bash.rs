@@ -120,12 +120,21 @@ pub fn bash(name: Option<&str>, vm_args: &VmArgs) -> ExitCode {
 fn shell(vm: &Vm) -> ExitCode {
     let (rows, cols) = window_size();
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into());
+    // An image may have no bash (BusyBox, Alpine): its POSIX shell then.
+    let shell = match vm.agent().stat("/bin/bash") {
+        Ok(_) => "/bin/bash",
+        Err(_) => "/bin/sh",
+    };
     let exec = Exec {
-        argv: vec!["/bin/bash".into(), "-l".into()],
+        argv: vec![shell.into(), "-l".into()],
         env: vec![("TERM".into(), term)],
         pty: Some((rows, cols)),
         stdin: true,
-        cwd: Some("/root".into()),
+        // An image's working directory, else root's home.
+        cwd: match vm.exec_defaults().and_then(|d| d.cwd.as_ref()) {
+            Some(_) => None,
+            None => Some("/root".into()),
+        },
         ..Default::default()
     };
     let mut p = match vm.spawn(exec) {

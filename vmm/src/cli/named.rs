@@ -404,10 +404,16 @@ pub fn images_ls() {
 pub fn images_import(archive: &Path, name: Option<&str>, reference: Option<&str>) -> ExitCode {
     let t0 = std::time::Instant::now();
     match vmrun::launch::store::import(archive, name, reference) {
-        Ok(i) => {
+        Ok(r) => {
+            let i = &r.image;
+            let skipped = match r.skipped_devices {
+                0 => String::new(),
+                n => format!(" ({n} device nodes left out: the guest's /dev is its own)"),
+            };
             println!(
-                "{}: {} MiB, imported in {:.1}s; boot it with --image {}",
+                "{}: {} layers, {} MiB, imported in {:.1}s{skipped}; boot it with --image {}",
                 i.name,
+                r.layers,
                 i.size().div_ceil(1 << 20),
                 t0.elapsed().as_secs_f64(),
                 i.name

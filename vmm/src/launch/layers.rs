@@ -386,27 +386,32 @@ fn set_meta(p: &Path, item: &Item, is_link: bool) -> Result<(), String> {
 /// Unpacks the tar `r` (the layer `src`, for messages) into `root`, an empty directory only
 /// this process writes; nothing is written outside it.
 pub fn unpack_into(src: &Path, r: impl Read, root: &Path) -> Result<(), LayerError> {
-    unpack(r, root, &Limits::default(), Whiteouts::Keep).map_err(|e| match e {
-        Step::Tar(source) => LayerError::Tar {
-            path: src.to_path_buf(),
-            source,
-        },
-        Step::Entry(entry, why) => LayerError::Unpack {
-            path: src.to_path_buf(),
-            entry,
-            why,
-        },
-    })
+    unpack(r, root, &Limits::default(), Whiteouts::Keep)
+        .map(|_| ())
+        .map_err(|e| match e {
+            Step::Tar(source) => LayerError::Tar {
+                path: src.to_path_buf(),
+                source,
+            },
+            Step::Entry(entry, why) => LayerError::Unpack {
+                path: src.to_path_buf(),
+                entry,
+                why,
+            },
+        })
 }
 
 /// Unpacks the tar `r` into `root`, a directory only this process writes: empty for
-/// [`Whiteouts::Keep`], the tree of the layers below for [`Whiteouts::Apply`].
+/// [`Whiteouts::Keep`], the tree of the layers below for [`Whiteouts::Apply`]. Returns how
+/// many device nodes were left out: a container image's (its `/dev` is covered by the guest's
+/// devtmpfs) are skipped, a capture's refused.
 pub fn unpack(
     r: impl Read,
     root: &Path,
     limits: &Limits,
     whiteouts: Whiteouts,
-) -> Result<(), Step> {
+) -> Result<u64, Step> {
+    let mut devices = 0u64;
     // Directories get their mode and times last: entries inside would change the times, and
     // a read-only mode would stop them.
     let mut dirs: Vec<(PathBuf, Item)> = Vec::new();
@@ -420,6 +425,10 @@ pub fn unpack(
         let fail = |why: String| Step::Entry(rel.clone(), why);
         let p = root.join(&rel);
         if apply {
+            if matches!(item.kind, Kind::Device { .. }) {
+                devices += 1;
+                return Ok(());
+            }
             let name = rel.file_name().map_or(&b""[..], |n| n.as_bytes());
             let parent = rel.parent().unwrap_or(Path::new(""));
             if name == WH_OPAQUE {
@@ -526,7 +535,7 @@ pub fn unpack(
         }
         set_meta(p, item, false).map_err(|why| Step::Entry(item.path.clone(), why))?;
     }
-    Ok(())
+    Ok(devices)
 }
 
 #[cfg(test)]
@@ -579,7 +588,7 @@ mod tests {
 
     fn unpack_into(t: &[u8]) -> (tempfile::TempDir, Result<(), Step>) {
         let d = tempfile::tempdir().unwrap();
-        let r = unpack(t, d.path(), &Limits::default(), Whiteouts::Keep);
+        let r = unpack(t, d.path(), &Limits::default(), Whiteouts::Keep).map(|_| ());
         (d, r)
     }
 

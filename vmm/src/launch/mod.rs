@@ -403,8 +403,7 @@ impl VmOptions {
     }
 
     /// The `vmrun boot` arguments that carry these options (what the library spawns the VMM
-    /// process with). The CLI parses them back into the same options, but for
-    /// `exec_defaults`, which only the library's side uses.
+    /// process with). The CLI parses them back into the same options.
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         let mut flag = |name: &str, value: OsString| {
@@ -438,6 +437,12 @@ impl VmOptions {
         }
         if let Some(i) = &self.image {
             flag("image", i.into());
+        }
+        if let Some(d) = &self.exec_defaults {
+            // The VMM keeps them in the snapshots it takes.
+            if let Ok(json) = serde_json::to_string(d) {
+                flag("exec-defaults", json.into());
+            }
         }
         for l in &self.layers {
             flag("layer", l.into());

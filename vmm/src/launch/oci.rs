@@ -410,6 +410,8 @@ pub struct Imported {
     pub id: String,
     pub layers: usize,
     pub defaults: ExecDefaults,
+    /// Device nodes the layers held, left out (the guest's /dev is its own devtmpfs).
+    pub skipped_devices: u64,
 }
 
 /// One layer to apply: where its blob is, its digest as the archive names it, and the
@@ -462,8 +464,9 @@ pub fn unpack_image(archive: &Path, want: Option<&str>, tree: &Path) -> Result<I
             "its rootfs.diff_ids do not match the manifest's layers",
         ));
     }
+    let mut skipped_devices = 0;
     for (i, l) in layers.iter().enumerate() {
-        apply_layer(&a, i + 1, l, tree)?;
+        skipped_devices += apply_layer(&a, i + 1, l, tree)?;
     }
     let run = cfg.config.unwrap_or_default();
     let user = run.user.unwrap_or_default();
@@ -487,6 +490,7 @@ pub fn unpack_image(archive: &Path, want: Option<&str>, tree: &Path) -> Result<I
         reference,
         id: config_id,
         layers: layers.len(),
+        skipped_devices,
         defaults: ExecDefaults {
             argv,
             env,
@@ -661,8 +665,9 @@ fn hashing<R: Read>(inner: R) -> Hashing<R> {
     }
 }
 
-/// Applies layer `index` (from 1) onto `tree`, checking its digests on the way.
-fn apply_layer(a: &Archive, index: usize, l: &LayerRef, tree: &Path) -> Result<(), OciError> {
+/// Applies layer `index` (from 1) onto `tree`, checking its digests on the way; returns the
+/// device nodes it left out.
+fn apply_layer(a: &Archive, index: usize, l: &LayerRef, tree: &Path) -> Result<u64, OciError> {
     let layer_err = |source: Step| OciError::Layer {
         archive: a.path.clone(),
         index,
@@ -681,21 +686,22 @@ fn apply_layer(a: &Archive, index: usize, l: &LayerRef, tree: &Path) -> Result<(
             digest: l.digest.clone(),
         });
     }
-    let diff = {
+    let (diff, devices) = {
         let stream: Box<dyn Read + '_> = if gzip {
             Box::new(flate2::bufread::MultiGzDecoder::new(&mut raw))
         } else {
             Box::new(&mut raw)
         };
         let mut tar = hashing(stream);
-        layers::unpack(&mut tar, tree, &Limits::default(), Whiteouts::Apply).map_err(layer_err)?;
+        let devices = layers::unpack(&mut tar, tree, &Limits::default(), Whiteouts::Apply)
+            .map_err(layer_err)?;
         // The digests cover the whole stream: read what follows the end-of-archive mark.
         let rest =
             io::copy(&mut (&mut tar).take(MAX_TRAILER + 1), &mut io::sink()).map_err(io_step)?;
         if rest > MAX_TRAILER {
             return Err(a.bad(&l.digest, "more than 64 MiB after the tar's end"));
         }
-        hex(&tar.hash.finalize())
+        (hex(&tar.hash.finalize()), devices)
     };
     // Whatever the decompressor left unread (a gzip trailer's padding) is part of the blob.
     io::copy(&mut (&mut raw).take(MAX_TRAILER), &mut io::sink()).map_err(io_step)?;
@@ -716,7 +722,7 @@ fn apply_layer(a: &Archive, index: usize, l: &LayerRef, tree: &Path) -> Result<(
             ));
         }
     }
-    Ok(())
+    Ok(devices)
 }
 
 /// Reads a small file of the unpacked tree, never through a symlink.

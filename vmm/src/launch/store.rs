@@ -371,6 +371,16 @@ pub fn default_name(reference: Option<&str>, archive: &Path) -> String {
     }
 }
 
+/// What an import made, and what it left out.
+#[derive(Debug)]
+pub struct ImportReport {
+    pub image: Image,
+    /// The container image's layers (flattened into the one root).
+    pub layers: usize,
+    /// Device nodes the layers held, left out (the guest's /dev is its own devtmpfs).
+    pub skipped_devices: u64,
+}
+
 /// Imports the container image in `archive` (`want`: which, where it holds several) as
 /// `name` (default: [`default_name`]) into `store`.
 pub fn import_in(
@@ -378,7 +388,7 @@ pub fn import_in(
     archive: &Path,
     name: Option<&str>,
     want: Option<&str>,
-) -> Result<Image, StoreError> {
+) -> Result<ImportReport, StoreError> {
     // The name is checked before the archive is read, where it is given.
     let early = match name {
         Some(n) => Some(Making::new(store, n)?),
@@ -412,11 +422,20 @@ pub fn import_in(
         Some(w) => format!("import {}@{w}", archive.display()),
         None => format!("import {}", archive.display()),
     };
-    making.finish(source, Some(imported.id), root, vec![], imported.defaults)
+    let image = making.finish(source, Some(imported.id), root, vec![], imported.defaults)?;
+    Ok(ImportReport {
+        image,
+        layers: imported.layers,
+        skipped_devices: imported.skipped_devices,
+    })
 }
 
 /// Imports into the default store.
-pub fn import(archive: &Path, name: Option<&str>, want: Option<&str>) -> Result<Image, StoreError> {
+pub fn import(
+    archive: &Path,
+    name: Option<&str>,
+    want: Option<&str>,
+) -> Result<ImportReport, StoreError> {
     import_in(&images_dir(), archive, name, want)
 }
 
