@@ -44,14 +44,15 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
     };
     let label = vmrun::host::compat::kvm_label(pvm);
     let (rt, store) = (d.path().join("rt"), d.path().join("images"));
-    let op = Budget::new("a vmrun command on a running VM", 30, 120);
-    let boot = Budget::new("a VM to start from an image", 60, 300);
+    // A budget runs from when it is made: one per command.
+    let op = || Budget::new("a vmrun command on a running VM", 30, 120);
+    let boot = || Budget::new("a VM to start from an image", 60, 300);
 
     let out = ok(
         &rt,
         &store,
         &["images", "import", archive.to_str().unwrap()],
-        &op,
+        &op(),
     );
     assert!(out.starts_with("busybox:1: "), "{out}");
 
@@ -68,7 +69,7 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
             "--overlay",
             "tmpfs",
         ],
-        &boot,
+        &boot(),
     );
     eprintln!(
         "[{label}] started from the image in {:.1}s",
@@ -76,7 +77,7 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
     );
 
     // No command: the image's entrypoint and command, with its env, workdir and user.
-    let out = ok(&rt, &store, &["exec", "img"], &op);
+    let out = ok(&rt, &store, &["exec", "img"], &op());
     assert_eq!(out, "hello from oci in /app as 1000:1000 world\n");
     let out = ok(
         &rt,
@@ -91,7 +92,7 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
             "-c",
             "echo $GREETING $PATH $EXTRA; pwd; id -u; ls /srv; test ! -e /etc/motd && echo motd-gone",
         ],
-        &op,
+        &op(),
     );
     assert_eq!(out, "oci /app:/bin 1\n/app\n1000\nnew\nmotd-gone\n");
     // A command's own user wins over the image's.
@@ -108,7 +109,7 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
             "-c",
             "echo kept > /srv/mine; id -u",
         ],
-        &op,
+        &op(),
     );
     assert_eq!(out, "0\n");
     // A snapshot keeps the defaults: a VM restored from it runs the entrypoint too.
@@ -116,18 +117,18 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
         &rt,
         &store,
         &["snapshot", "create", "snap", "--from", "img"],
-        &boot,
+        &boot(),
     );
-    let out = ok(&rt, &store, &["exec", "--from", "snap"], &boot);
+    let out = ok(&rt, &store, &["exec", "--from", "snap"], &boot());
     assert_eq!(out, "hello from oci in /app as 1000:1000 world\n");
-    let out = ok(&rt, &store, &["diff", "img"], &op);
+    let out = ok(&rt, &store, &["diff", "img"], &op());
     assert!(out.lines().any(|l| l == "A /srv/mine"), "{out}");
-    let out = ok(&rt, &store, &["commit", "img", "kept"], &op);
+    let out = ok(&rt, &store, &["commit", "img", "kept"], &op());
     assert!(
         out.contains("1 layers") && out.contains("--image kept"),
         "{out}"
     );
-    ok(&rt, &store, &["stop", "img"], &op);
+    ok(&rt, &store, &["stop", "img"], &op());
 
     // The committed image: the write in place, the defaults inherited, read-only root.
     let out = ok(
@@ -137,9 +138,9 @@ fn an_imported_image_boots_runs_with_its_config_and_commits() {
             "exec", "--image", "kept", "--overlay", "none", "--", "sh", "-c",
             "cat /srv/mine /srv/new; echo $GREETING; pwd; id -u; echo x > /srv/no || echo read-only",
         ],
-        &boot,
+        &boot(),
     );
     assert_eq!(out, "kept\nnew\noci\n/app\n1000\nread-only\n");
-    let out = ok(&rt, &store, &["images", "ls"], &op);
+    let out = ok(&rt, &store, &["images", "ls"], &op());
     assert!(out.lines().any(|l| l.starts_with("kept ")), "{out}");
 }
