@@ -11,6 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-images.sh kernel initramfs rootfs
+# The containerd shim is a binary of its own package: its T4 test runs it through containerd.
+cargo build --locked --quiet -p containerd-shim-vmrun
 if [ "${CI:-}" = true ]; then
     export VMRUN_REQUIRE_KVM=1 VMRUN_REQUIRE_T2=1 VMRUN_REQUIRE_T4=1
 fi

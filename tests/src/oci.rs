@@ -103,8 +103,10 @@ pub fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)], run: &str, reference
         manifest.as_bytes(),
     );
     m.pop();
+    // containerd's full name, and the OCI tag annotation (the tag alone, by the spec).
+    let tag = reference.rsplit(':').next().unwrap_or(reference);
     m.push_str(&format!(
-        r#","annotations":{{"org.opencontainers.image.ref.name":"{reference}"}}}}"#
+        r#","annotations":{{"io.containerd.image.name":"{reference}","org.opencontainers.image.ref.name":"{tag}"}}}}"#
     ));
     std::fs::write(
         dir.join("index.json"),
@@ -116,7 +118,7 @@ pub fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)], run: &str, reference
 
 /// BusyBox applets the image links (what the tests run).
 const APPLETS: &[&str] = &[
-    "sh", "env", "id", "pwd", "cat", "ls", "echo", "test", "mkdir", "rm", "sync",
+    "sh", "env", "id", "pwd", "cat", "ls", "echo", "test", "mkdir", "rm", "sync", "sleep", "uname",
 ];
 
 /// What the BusyBox image's entrypoint prints: its env, working directory and user.
