@@ -1,6 +1,6 @@
 //! What a VM honours of an OCI runtime spec (the bundle's config.json, an exec's Process): the
 //! process (args, env, cwd, user, terminal) runs through the agent; memory and CPU limits
-//! become the VM's memory, vCPUs and its cgroup's CPU quota; host bind mounts, which cannot
+//! become the VM's memory and vCPUs (a fraction of a CPU: also its cgroup's CPU quota); host bind mounts, which cannot
 //! reach a guest (vmrun has no shared filesystem), are refused. Namespaces, capabilities and
 //! seccomp of the spec describe isolation inside one kernel: the VM is that boundary here,
 //! and the guest runs the process as the given user without them.
@@ -156,9 +156,13 @@ impl Spec {
                 if quota <= 0 || period == 0 {
                     return Err(SpecError::BadCpu { quota, period });
                 }
-                let pct = (quota as u64).saturating_mul(100) / period;
-                l.cpu_quota = Some(pct.clamp(1, 100_000) as u32);
                 l.vcpus = Some((quota as u64).div_ceil(period).clamp(1, MAX_VCPUS as u64) as u8);
+                // Whole CPUs are the vCPUs themselves; a fraction needs the VM's cgroup
+                // (refused with the reason where the host has no cgroup v2 CPU controller).
+                if quota as u64 % period != 0 {
+                    let pct = (quota as u64).saturating_mul(100) / period;
+                    l.cpu_quota = Some(pct.clamp(1, 100_000) as u32);
+                }
             }
         }
         Ok(l)
@@ -230,6 +234,17 @@ mod tests {
                 memory_mib: Some(256),
                 vcpus: Some(2),
                 cpu_quota: Some(150)
+            }
+        );
+        let whole =
+            Spec::parse(br#"{"linux":{"resources":{"cpu":{"quota":200000,"period":100000}}}}"#)
+                .unwrap();
+        assert_eq!(
+            whole.limits().unwrap(),
+            Limits {
+                memory_mib: None,
+                vcpus: Some(2),
+                cpu_quota: None
             }
         );
         let x = s.process.as_ref().unwrap().exec().unwrap();

@@ -3,6 +3,7 @@
 //! io.containerd.vmrun.v1` runs a command that proves it is in a VM (the guest kernel's
 //! release is not the host's) with its output and exit code; a second, long-running container
 //! gets `ctr task exec` processes in the same VM (one, as root, writes a file, the next reads it) and a
+//! look at its limits (`--memory-limit`, `--cpus`: the VM's memory and vCPUs), and a
 //! SIGTERM through `ctr task kill`, which its trap turns into exit code 7; once the tasks are
 //! deleted no VMM or shim process, mount or VM directory is left. A host bind mount, which no
 //! VM can see, is refused with the reason.
@@ -179,7 +180,9 @@ fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
 
     // A long-running container: exec processes in its VM, then a signal.
     let mut c = ctrd.ctr();
-    c.args(["run", "--rm", "--runtime", RUNTIME, IMAGE, "two"])
+    c.args(["run", "--rm", "--runtime", RUNTIME])
+        .args(["--memory-limit", "209715200", "--cpus", "2"])
+        .args([IMAGE, "two"])
         .args([
             "sh",
             "-c",
@@ -189,7 +192,12 @@ fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
         .stderr(Stdio::piped());
     let mut long = c.spawn().unwrap();
     let mut out = BufReader::new(long.stdout.take().unwrap()).lines();
-    assert_eq!(out.next().map(|l| l.unwrap()).as_deref(), Some("ready"));
+    let first = out.next().map(|l| l.unwrap());
+    if first.as_deref() != Some("ready") {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut long.stderr.take().unwrap(), &mut err);
+        panic!("ctr run two: {first:?}, stderr: {err}\n{}", ctrd.log());
+    }
     ctrd.ok(
         &[
             "task",
@@ -212,6 +220,30 @@ fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
     assert_eq!(
         got, "marker\n",
         "the second exec sees the first's file: one VM"
+    );
+    // The spec's limits became the VM's memory and vCPUs.
+    let got = ctrd.ok(
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e3",
+            "two",
+            "sh",
+            "-c",
+            "nproc; grep MemTotal /proc/meminfo",
+        ],
+        &boot(),
+    );
+    let mut l = got.lines();
+    assert_eq!(l.next(), Some("2"), "{got}");
+    let kib: u64 = l
+        .next()
+        .and_then(|m| m.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("{got}"));
+    assert!(
+        (150_000..=204_800).contains(&kib),
+        "MemTotal {kib} kB for a 200 MiB limit"
     );
     let tasks = ctrd.ok(&["task", "ls"], &op());
     assert!(
