@@ -159,7 +159,7 @@ impl Spec {
                 l.vcpus = Some((quota as u64).div_ceil(period).clamp(1, MAX_VCPUS as u64) as u8);
                 // Whole CPUs are the vCPUs themselves; a fraction needs the VM's cgroup
                 // (refused with the reason where the host has no cgroup v2 CPU controller).
-                if quota as u64 % period != 0 {
+                if !(quota as u64).is_multiple_of(period) {
                     let pct = (quota as u64).saturating_mul(100) / period;
                     l.cpu_quota = Some(pct.clamp(1, 100_000) as u32);
                 }
