@@ -6,14 +6,15 @@
 //! look at its limits (`--memory-limit`, `--cpus`: the VM's memory and vCPUs), and a
 //! SIGTERM through `ctr task kill`, which its trap turns into exit code 7; once the tasks are
 //! deleted no VMM or shim process, mount or VM directory is left. A host bind mount, which no
-//! VM can see, is refused with the reason.
+//! VM can see, is refused with the reason. `ctr run -t` gets a terminal of the right size in
+//! the guest, resized with the window, and the shell's exit code.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use vmrun_tests::cli::run;
+use vmrun_tests::cli::{have_tmux, run, tmux, wait_file, Term};
 use vmrun_tests::host::has_tool;
 use vmrun_tests::oci::busybox_image;
 use vmrun_tests::{t4_images, Budget};
@@ -99,17 +100,16 @@ fn processes_with(what: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
-    let test = "ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete";
-    let Some((_, _, pvm)) = t4_images(test) else {
-        return;
-    };
+/// A private containerd with the BusyBox image imported, its directory and the KVM label; `None`
+/// (a skip, or a failure where T4 is required) when something is missing.
+fn setup(test: &str) -> Option<(tempfile::TempDir, Containerd, &'static str)> {
+    let (_, _, pvm) = t4_images(test)?;
     let required = std::env::var_os("VMRUN_REQUIRE_T4").is_some();
     let shim_dir = repo().join("target/debug");
     let skip = |why: &str| {
         assert!(!required, "{test}: T4 required but {why}");
         eprintln!("SKIPPED {test}: {why}");
+        None
     };
     if !shim_dir.join("containerd-shim-vmrun-v1").is_file() {
         return skip("the shim is not built (cargo build -p containerd-shim-vmrun)");
@@ -121,12 +121,24 @@ fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
     let Some(archive) = busybox_image(d.path()) else {
         return skip("no static /bin/busybox (apt-get install busybox-static)");
     };
-    let label = vmrun::host::compat::kvm_label(pvm);
     let rt = d.path().join("vmrun-rt");
     let ctrd = Containerd::start(&d.path().join("containerd"), &shim_dir, &rt);
+    ctrd.ok(
+        &["image", "import", archive.to_str().unwrap()],
+        &Budget::new("ctr image import", 30, 120),
+    );
+    Some((d, ctrd, vmrun::host::compat::kvm_label(pvm)))
+}
+
+#[test]
+fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
+    let test = "ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete";
+    let Some((d, ctrd, label)) = setup(test) else {
+        return;
+    };
+    let rt = d.path().join("vmrun-rt");
     let op = || Budget::new("a ctr command", 30, 120);
     let boot = || Budget::new("a container VM's command", 90, 400);
-    ctrd.ok(&["image", "import", archive.to_str().unwrap()], &op());
 
     // What a VM cannot honour is refused before anything boots, with the reason.
     let mut c = ctrd.ctr();
@@ -283,4 +295,37 @@ fn ctr_runs_containers_in_vms_with_exec_kill_and_a_clean_delete() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(ctrd.ok(&["task", "ls"], &op()).lines().count() <= 1);
+}
+
+#[test]
+fn ctr_run_with_a_terminal_sizes_and_resizes_it() {
+    let test = "ctr_run_with_a_terminal_sizes_and_resizes_it";
+    if !have_tmux(test) {
+        return;
+    }
+    let Some((d, ctrd, _)) = setup(test) else {
+        return;
+    };
+    let status = d.path().join("status");
+    let cmd = format!(
+        "ctr --address {} --namespace vmrun-test run -t --rm --runtime {RUNTIME} {IMAGE} tty sh; echo ctr-exit-$? > {}",
+        ctrd.dir.join("containerd.sock").display(),
+        status.display()
+    );
+    let t = Term::start("ctr-tty", &cmd, 100, 30);
+    // Typed before the VM is up, it waits in containerd's stdin FIFO.
+    t.line("echo ready-$((6*7))");
+    t.wait_for("ready-42", &Budget::new("the container's shell", 90, 400));
+    t.line("stty size");
+    t.wait_for(
+        "30 100",
+        &Budget::new("stty size in the container", 30, 120),
+    );
+    tmux(&["resize-window", "-t", &t.0, "-x", "120", "-y", "40"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    t.line("stty size");
+    t.wait_for("40 120", &Budget::new("the resized terminal", 30, 120));
+    t.line("exit 5");
+    let got = wait_file(&status, &Budget::new("ctr to end", 30, 120), Some(&t));
+    assert_eq!(got, "ctr-exit-5", "{}", t.screen());
 }

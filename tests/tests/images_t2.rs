@@ -114,6 +114,7 @@ fn an_imported_image_is_its_layers_applied_and_commits_stack_on_it() {
         "bin/rm",
         "bin/sh",
         "bin/sleep",
+        "bin/stty",
         "bin/sync",
         "bin/test",
         "bin/uname",
