@@ -119,7 +119,7 @@ pub fn write_layout(dir: &Path, layers: &[(Vec<u8>, bool)], run: &str, reference
 /// BusyBox applets the image links (what the tests run).
 const APPLETS: &[&str] = &[
     "sh", "env", "id", "pwd", "cat", "ls", "echo", "test", "mkdir", "rm", "sync", "sleep", "uname",
-    "grep", "nproc",
+    "grep", "nproc", "stty",
 ];
 
 /// What the BusyBox image's entrypoint prints: its env, working directory and user.
