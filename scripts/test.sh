@@ -54,11 +54,13 @@ if [ "$kind" = pvm ]; then
 fi
 set -e
 failed=$(grep -aE '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/  \1 (this host)/' || true)
-hw_failed=$(grep -a "HWTIER-RESULT" "$log" | grep -v "HWTIER-RESULT [^ ]* ok" | sed 's/^.*HWTIER-RESULT /  /; s/$/ (hardware tier)/' || true)
+# A target's last result line is its result (hw-tier.sh may rerun one in a fresh outer VM).
+hw_results() { grep -a "HWTIER-RESULT" "$log" | tr -d '\r' | sed 's/^.*HWTIER-RESULT //' | awk '{ if (!($1 in r)) o[n++] = $1; r[$1] = $0 } END { for (i = 0; i < n; i++) print r[o[i]] }'; }
+hw_failed=$(hw_results | grep -v "^[^ ]* ok" | sed 's/^/  /; s/$/ (hardware tier)/' || true)
 skipped=$(grep -ac '^SKIPPED ' "$log" || true)
 passed=$(grep -acE '^test .* \.\.\. ok$' "$log" || true)
 echo "== tests: $passed passed on this host ($kind), $(printf '%s' "$failed" | grep -c . || true) failed, $skipped skipped"
-[ "$kind" = pvm ] && echo "== hardware tier: $(grep -a 'HWTIER-RESULT' "$log" | sed 's/^.*HWTIER-RESULT //' | tr '\n' ';')"
+[ "$kind" = pvm ] && echo "== hardware tier: $(hw_results | tr '\n' ';')"
 if [ -n "$failed$hw_failed" ]; then
     echo "== failing tests:"
     printf '%s\n' "$failed" "$hw_failed" | grep .
