@@ -75,8 +75,9 @@ fn cache_key(m: &RootMount) -> Option<String> {
     if option(m, "upperdir").is_some_and(|u| !dir_is_empty(Path::new(u))) {
         return None;
     }
-    let h = Sha256::digest(lower.as_bytes());
-    Some(h.iter().map(|b| format!("{b:02x}")).collect())
+    Some(vmrun::launch::layers::hex(&Sha256::digest(
+        lower.as_bytes(),
+    )))
 }
 
 fn pack(tree: &Path, out: &Path) -> Result<(), RootfsError> {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use super::layers::{self, Step, Whiteouts};
+use super::layers::{self, hex, Step, Whiteouts};
 use super::tarball::{self, Kind, Limits, TarError};
 use super::ExecDefaults;
 
@@ -291,10 +291,6 @@ impl Archive {
 
 fn sha256_hex(b: &[u8]) -> String {
     hex(&Sha256::digest(b))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `blobs/sha256/HEX` for a digest, refusing anything but a SHA-256 one.
