@@ -3,4 +3,5 @@
 
 pub mod compat;
 pub mod kvmstats;
+pub mod pvmnative;
 pub mod testguest;

@@ -258,6 +258,15 @@ pub fn ring0_fwait() -> TestGuest {
     }
 }
 
+/// The native-mode probe of [`super::pvmnative`], starting in ring 0, with `flags` in the low
+/// bits of its control-MSR write and the probe's `options`.
+pub fn pvm_native(flags: u8, options: u8) -> TestGuest {
+    TestGuest {
+        code: super::pvmnative::program(flags, options),
+        mode: CpuMode::Long64,
+    }
+}
+
 /// Looks a program up by name (for the hidden `vmrun test-guest` command).
 pub fn by_name(name: &str) -> Option<TestGuest> {
     Some(match name {
@@ -271,6 +280,16 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
         "forbidden-call" => forbidden_call(),
         "ring0-fwait" => ring0_fwait(),
         _ => {
+            // pvm-native[:FLAGS[:OPTIONS]]
+            if let Some(rest) = name.strip_prefix("pvm-native") {
+                let mut n = rest.split(':').skip(1).map(|v| v.parse::<u8>().ok());
+                let flags = n.next().unwrap_or(Some(0)).filter(|f| *f < 0x80)?;
+                let options = n.next().unwrap_or(Some(0))?;
+                if n.next().is_some() || !(rest.is_empty() || rest.starts_with(':')) {
+                    return None;
+                }
+                return Some(pvm_native(flags, options));
+            }
             let code = name.strip_prefix("status-")?.parse().ok()?;
             status(Status::Exited(code))
         }
