@@ -45,7 +45,8 @@ pub const DATA: u64 = 0x40_9000;
 const SECRET_OFF: u64 = 0xa0;
 
 /// Where the secret is seen through PML4 slot `slot`: the low GiB is mapped again at PDPT
-/// slot 510 of that slot (slot 511's is -2 GiB, where Linux keeps its text).
+/// slot 510 of that slot (slot 511's is -2 GiB, where Linux keeps its text). The program
+/// computes the same addresses itself; this is for the host side.
 pub const fn alias(slot: u64) -> u64 {
     let va = (slot << 39) | (510 << 30) | (DATA + SECRET_OFF);
     // Canonical: bit 47 copied upwards.
@@ -87,6 +88,9 @@ vmrun_pvm_native_start:
     mov qword ptr [{UPML4}], rax
     mov rax, {PDPT_HI} + 7
     mov qword ptr [{PML4} + 8*256], rax
+    mov qword ptr [{PML4} + 8*271], rax
+    mov qword ptr [{PML4} + 8*272], rax
+    mov qword ptr [{PML4} + 8*273], rax
     mov qword ptr [{PML4} + 8*510], rax
     mov qword ptr [{PML4} + 8*511], rax
     # The user PGD (CR3 + 4 KiB, the PTI layout) has slot 0 and an alias in slot 1 only.
@@ -437,28 +441,31 @@ vmrun_pvm_native_start:
 
     # Supervisor reads of the secret through each alias.
     mov qword ptr [{D_U_ADDR}], {D_SECRET}
-    mov rax, {ALIAS_1}
-    mov qword ptr [{D_U_ADDR} + 8], rax
-    mov rax, {ALIAS_256}
-    mov qword ptr [{D_U_ADDR} + 16], rax
-    mov rax, {ALIAS_510}
-    mov qword ptr [{D_U_ADDR} + 24], rax
-    mov rax, {ALIAS_511}
-    mov qword ptr [{D_U_ADDR} + 32], rax
-    # A sixth: slot 511 again, on a page the kernel only ever touches through slot 0.
+    .set pn_i, 1
+    .irp slot, 1, 256, 271, 272, 273, 510, 511
+    # `alias(slot)`: canonical, so bits 48-63 copy bit 47 in the upper half.
+    .if \slot >= 256
+    mov rax, 0xffff000000000000 | (\slot << 39) | (510 << 30) | {D_SECRET}
+    .else
+    mov rax, (\slot << 39) | (510 << 30) | {D_SECRET}
+    .endif
+    mov qword ptr [{D_U_ADDR} + 8*pn_i], rax
+    .set pn_i, pn_i + 1
+    .endr
+    # The last: slot 511 again, on a page the kernel only ever touches through slot 0.
     mov rax, {SECRET}
     mov qword ptr [{COLD}], rax
     mov rax, {COLD_511}
-    mov qword ptr [{D_U_ADDR} + 40], rax
+    mov qword ptr [{D_U_ADDR} + 8*pn_i], rax
     mov rdi, {D_K_RES}
-    mov r14d, 0x20
+    mov r14d, 0x100
     call pn_read_all
     .set pn_i, 0
-    .irp slot, 0, 1, 256, 510, 511, 511_cold
+    .irp slot, 0, 1, 256, 271, 272, 273, 510, 511, 511_cold
     mov rax, qword ptr [{D_K_RES} + 8*pn_i]
     call pn_kv
     .asciz "kernel_read_slot\slot"
-    mov rax, qword ptr [{D_K_RES} + 48 + 8*pn_i]
+    mov rax, qword ptr [{D_K_RES} + 72 + 8*pn_i]
     call pn_kv
     .asciz "kernel_read_slot\slot\()_vector"
     .set pn_i, pn_i + 1
@@ -483,11 +490,11 @@ pn_after_user:
     call pn_kv
     .asciz "syscall_count"
     .set pn_i, 0
-    .irp slot, 0, 1, 256, 510, 511, 511_cold
+    .irp slot, 0, 1, 256, 271, 272, 273, 510, 511, 511_cold
     mov rax, qword ptr [{D_U_RES} + 8*pn_i]
     call pn_kv
     .asciz "user_read_slot\slot"
-    mov rax, qword ptr [{D_U_RES} + 48 + 8*pn_i]
+    mov rax, qword ptr [{D_U_RES} + 72 + 8*pn_i]
     call pn_kv
     .asciz "user_read_slot\slot\()_vector"
     .set pn_i, pn_i + 1
@@ -755,9 +762,9 @@ pn_fault_report:
     mov rax, qword ptr [{D_F_VEC}]
     ret
 
-    # Reads the secret through the 6 addresses at D_U_ADDR, except those whose bit is set in
+    # Reads the secret through the 9 addresses at D_U_ADDR, except those whose bit is set in
     # r14: the value, FAULTED or SKIPPED at [rdi + 8*i], the fault's vector or 0 at
-    # [rdi + 48 + 8*i]. In either mode.
+    # [rdi + 72 + 8*i]. In either mode.
 pn_read_all:
     xor ebx, ebx
 2:  mov qword ptr [{D_F_VEC}], 0
@@ -772,9 +779,9 @@ pn_read_all:
 3:  mov qword ptr [{D_FIXUP}], 0
     mov qword ptr [rdi + 8*rbx], rdx
     mov rax, qword ptr [{D_F_VEC}]
-    mov qword ptr [rdi + 48 + 8*rbx], rax
+    mov qword ptr [rdi + 72 + 8*rbx], rax
     inc ebx
-    cmp ebx, 6
+    cmp ebx, 9
     jb 2b
     ret
 
@@ -939,17 +946,13 @@ vmrun_pvm_native_end:
     D_DTR = const DATA + 0xb0,
     D_NATIVE = const DATA + 0xc0,
     D_U_ADDR = const DATA + 0x100,
-    D_U_RES = const DATA + 0x140,
-    D_K_RES = const DATA + 0x200,
+    D_U_RES = const DATA + 0x180,
+    D_K_RES = const DATA + 0x400,
     D_REGS = const DATA + 0x280,
     D_SFRAME = const DATA + 0x300,
     COLD = const DATA + 0x1000,
     COLD_511 = const alias(511) - SECRET_OFF + 0x1000,
     KSTACK_HI = const 0xffff_ffff_803f_0000u64,
-    ALIAS_1 = const alias(1),
-    ALIAS_256 = const alias(256),
-    ALIAS_510 = const alias(510),
-    ALIAS_511 = const alias(511),
     SECRET = const SECRET,
     FAULTED = const FAULTED,
     SKIPPED = const SKIPPED,
@@ -1070,6 +1073,8 @@ mod tests {
         assert_eq!(f[f.len() - 8], 3);
         // `cld` first.
         assert_eq!(p[0], 0xfc);
+        assert_eq!(alias(511), 0xffff_ffff_8000_0000 + DATA + SECRET_OFF);
+        assert_eq!(alias(1), (1 << 39) + (510 << 30) + DATA + SECRET_OFF);
     }
 
     #[test]
