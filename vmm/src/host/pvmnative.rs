@@ -98,21 +98,35 @@ vmrun_pvm_native_start:
     mov rax, {PML4}
     mov cr3, rax
 
-    # GDT: null, kernel code 0x08, kernel data 0x10, unused 0x18, user data 0x23, user code
-    # 0x2b (what sysret's STAR base 0x18 selects), a 16-byte TSS descriptor at 0x30.
-    mov rax, 0x00af9b000000ffff
+    # GDT in Linux's layout (the host's own: native mode runs the guest on the host's GDT,
+    # so its selectors are what the CPU loads): kernel code 0x10, kernel data 0x18, user32
+    # code 0x23, user data 0x2b, user code 0x33, TSS at 0x40.
+    mov rax, 0x00cf9b000000ffff
     mov qword ptr [{GDT} + 0x08], rax
-    mov rax, 0x00cf93000000ffff
+    mov rax, 0x00af9b000000ffff
     mov qword ptr [{GDT} + 0x10], rax
-    mov rax, 0x00cff3000000ffff
+    mov rax, 0x00cf93000000ffff
+    mov qword ptr [{GDT} + 0x18], rax
+    mov rax, 0x00cffb000000ffff
     mov qword ptr [{GDT} + 0x20], rax
-    mov rax, 0x00affb000000ffff
+    mov rax, 0x00cff3000000ffff
     mov qword ptr [{GDT} + 0x28], rax
-    mov rax, {TSS_DESC}
+    mov rax, 0x00affb000000ffff
     mov qword ptr [{GDT} + 0x30], rax
-    mov word ptr [{D_DTR}], 0x3f
+    mov rax, {TSS_DESC}
+    mov qword ptr [{GDT} + 0x40], rax
+    mov word ptr [{D_DTR}], 0x4f
     mov qword ptr [{D_DTR} + 2], {GDT}
     lgdt [{D_DTR}]
+    # To the new kernel selectors: CS by a far return, then the data segments.
+    push 0x10
+    lea rax, [rip + 2f]
+    push rax
+    retfq
+2:  mov ax, 0x18
+    mov ss, ax
+    mov ds, ax
+    mov es, ax
     mov rax, {KSTACK}
     test byte ptr [rip + pn_opts], 8
     jz 2f
@@ -120,7 +134,7 @@ vmrun_pvm_native_start:
     mov rax, {KSTACK_HI}
 2:  mov qword ptr [{TSS} + 4], rax
     mov word ptr [{TSS} + 102], 104
-    mov ax, 0x30
+    mov ax, 0x40
     ltr ax
 
     # IDT: every vector to its own 16-byte stub.
@@ -132,7 +146,7 @@ vmrun_pvm_native_start:
     add rax, rbx
     mov rdx, rax
     and edx, 0xffff
-    or rdx, 0x80000
+    or rdx, 0x100000
     mov rsi, 0x8e0000000000
     or rdx, rsi
     mov rsi, rax
@@ -151,14 +165,15 @@ vmrun_pvm_native_start:
     mov qword ptr [{D_DTR} + 2], {IDT}
     lidt [{D_DTR}]
 
-    # syscall/sysret: EFER.SCE, STAR (kernel CS 0x08, user base 0x18), LSTAR, SFMASK.
+    # syscall/sysret: EFER.SCE, STAR (kernel CS 0x10, user base 0x23 as Linux), LSTAR,
+    # SFMASK.
     mov ecx, 0xc0000080
     rdmsr
     or eax, 1
     wrmsr
     mov ecx, 0xc0000081
     xor eax, eax
-    mov edx, 0x00180008
+    mov edx, 0x00230010
     wrmsr
     lea rax, [rip + pn_syscall]
     mov rdx, rax
@@ -169,6 +184,17 @@ vmrun_pvm_native_start:
     mov eax, 0x47700
     xor edx, edx
     wrmsr
+    # Option 256: SYSENTER_CS/ESP = the kernel stack, in case the host takes the supervisor
+    # stack from there.
+    test dword ptr [rip + pn_opts], 256
+    jz 2f
+    mov ecx, 0x174
+    mov eax, 0x10
+    wrmsr
+    mov ecx, 0x175
+    mov eax, {KSTACK}
+    wrmsr
+2:
     mov rax, {SECRET}
     mov qword ptr [{D_SECRET}], rax
     call pn_say
@@ -471,6 +497,32 @@ vmrun_pvm_native_start:
     .set pn_i, pn_i + 1
     .endr
 
+    # GS: GS_BASE "KG", KERNEL_GS_BASE "UG" (trapped wrmsrs), as rdgsbase sees them, and
+    # what swapgs does and costs.
+    xor edx, edx
+    mov ecx, 0xc0000101
+    mov eax, 0x4b47
+    wrmsr
+    mov ecx, 0xc0000102
+    mov eax, 0x5547
+    wrmsr
+    rdgsbase rax
+    call pn_kv
+    .asciz "kernel_gs"
+    swapgs
+    rdgsbase rax
+    call pn_kv
+    .asciz "kernel_gs_after_swapgs"
+    swapgs
+    call pn_tsc_start
+    mov ebx, {NATIVE_RDMSR}
+2:  swapgs
+    dec ebx
+    jnz 2b
+    call pn_tsc_end
+    call pn_kv
+    .asciz "swapgs_cycles"
+
     # Guest user mode: sysret to pn_user, which comes back by syscall.
     mov qword ptr [{D_KSAVE}], rsp
     lea rcx, [rip + pn_user]
@@ -483,6 +535,18 @@ pn_after_user:
     mov rax, qword ptr [{D_U_CS}]
     call pn_kv
     .asciz "user_cs"
+    mov rax, qword ptr [{D_U_GS}]
+    call pn_kv
+    .asciz "user_gs"
+    mov rax, qword ptr [{D_U_GS2}]
+    call pn_kv
+    .asciz "user_gs_after_syscalls"
+    mov rax, qword ptr [{D_S_GS}]
+    call pn_kv
+    .asciz "syscall_entry_gs"
+    rdgsbase rax
+    call pn_kv
+    .asciz "kernel_gs_back"
     mov rax, qword ptr [{D_U_CYC}]
     call pn_kv
     .asciz "syscall_cycles"
@@ -512,6 +576,9 @@ pn_after_user:
     mov rax, qword ptr [{D_U_PRIV}]
     call pn_kv
     .asciz "user_priv_ran"
+    mov rax, qword ptr [{D_U_CR3}]
+    call pn_kv
+    .asciz "user_priv_cr3"
     call pn_fault_report
     call pn_kv
     .asciz "user_priv_vector"
@@ -544,6 +611,9 @@ pn_user:
     mov rsp, {USTACK}
     mov ax, cs
     movzx r8d, ax
+    # GS base as user mode finds it (the kernel set GS_BASE "KG", KERNEL_GS_BASE "UG").
+    rdgsbase rax
+    mov qword ptr [{D_U_GS}], rax
     rdtsc
     shl rdx, 32
     or rax, rdx
@@ -558,9 +628,20 @@ pn_user:
     or rax, rdx
     sub rax, r15
     mov qword ptr [{D_U_CYC}], rax
+    rdgsbase rax
+    mov qword ptr [{D_U_GS2}], rax
+    # Option 128: no fault in user mode (only reads through slots 0 and 1, which the user
+    # page table of flag bit 0 maps too).
+    test byte ptr [rip + pn_opts], 128
+    jz 7f
+    mov rdi, {D_U_RES}
+    mov r14d, 0x1fc
+    call pn_read_all
+    mov r10d, 0x5c1b
+    jmp 5f
     # Which registers survive a return from an exception: known values, a ud2 whose fixup
     # stores them.
-    lea rsi, [rip + 6f]
+7:  lea rsi, [rip + 6f]
     mov qword ptr [{D_FIXUP}], rsi
     mov eax, 0xa0
     mov ebx, 0xb0
@@ -589,8 +670,10 @@ pn_user:
     lea rax, [rip + 5f]
     mov qword ptr [{D_FIXUP}], rax
     xor r10d, r10d
+    mov rax, 0x5c1b
     mov rax, cr3
     mov r10d, 1
+    mov qword ptr [{D_U_CR3}], rax
 5:  mov eax, 1
     syscall
     .byte 0xeb, 0xfe
@@ -599,7 +682,12 @@ pn_user:
 pn_syscall:
     cmp rax, 1
     je 2f
-    inc qword ptr [{D_SYSCALLS}]
+    # GS base as the syscall entry finds it, the first time.
+    cmp qword ptr [{D_SYSCALLS}], 0
+    jne 5f
+    rdgsbase rbx
+    mov qword ptr [{D_S_GS}], rbx
+5:  inc qword ptr [{D_SYSCALLS}]
     test byte ptr [rip + pn_opts], 32
     jz 4f
     # Option 32: the IRET_FRAME hypercall with a frame built from rcx/r11 (this entry has
@@ -608,10 +696,10 @@ pn_syscall:
     mov qword ptr [{D_SFRAME} + 8], rbx
     mov qword ptr [{D_SFRAME} + 16], rdi
     mov qword ptr [{D_SFRAME} + 24], rcx
-    mov qword ptr [{D_SFRAME} + 32], 0x2b
+    mov qword ptr [{D_SFRAME} + 32], 0x33
     mov qword ptr [{D_SFRAME} + 40], r11
     mov qword ptr [{D_SFRAME} + 48], rsp
-    mov qword ptr [{D_SFRAME} + 56], 0x23
+    mov qword ptr [{D_SFRAME} + 56], 0x2b
     mov ebx, {D_SFRAME}
     mov eax, 0x100d
     int 0x1b
@@ -950,6 +1038,10 @@ vmrun_pvm_native_end:
     D_K_RES = const DATA + 0x400,
     D_REGS = const DATA + 0x280,
     D_SFRAME = const DATA + 0x300,
+    D_U_GS = const DATA + 0x340,
+    D_S_GS = const DATA + 0x348,
+    D_U_GS2 = const DATA + 0x350,
+    D_U_CR3 = const DATA + 0x358,
     COLD = const DATA + 0x1000,
     COLD_511 = const alias(511) - SECRET_OFF + 0x1000,
     KSTACK_HI = const 0xffff_ffff_803f_0000u64,
@@ -978,25 +1070,29 @@ unsafe extern "C" {
 pub mod opts {
     /// From a syscall to user mode by the (legacy) SYSRET hypercall (0x100b: rbx = rip,
     /// rcx = rflags, rdx = rsp) instead of `sysretq`.
-    pub const HC_SYSRET: u8 = 1;
+    pub const HC_SYSRET: u16 = 1;
     /// From an exception to user mode by the IRET_FRAME hypercall (0x100d: rbx points at
     /// saved rax, rbx, rdi and then an iret frame) instead of `iretq`.
-    pub const HC_IRET_FRAME: u8 = 2;
+    pub const HC_IRET_FRAME: u16 = 2;
     /// From the `ud2` exceptions (kernel to kernel) by the IRET_FRAME hypercall too.
-    pub const HC_IRET_KERNEL: u8 = 4;
+    pub const HC_IRET_KERNEL: u16 = 4;
     /// The TSS's ring-0 stack through the -2 GiB alias (PML4 slot 511) instead of slot 0.
-    pub const HIGH_STACK: u8 = 8;
+    pub const HIGH_STACK: u16 = 8;
     /// User mode leaves out its read through PML4 slot 256 (which the host keeps).
     pub const NO_USER_SLOT256: u8 = 16;
     /// From a syscall to user mode by the IRET_FRAME hypercall.
-    pub const SYSCALL_IRET_FRAME: u8 = 32;
+    pub const SYSCALL_IRET_FRAME: u16 = 32;
     /// On unmasking with an interrupt pending, a hypercall so the host delivers it at once.
-    pub const KICK_ON_UNMASK: u8 = 64;
+    pub const KICK_ON_UNMASK: u16 = 64;
+    /// No fault in user mode: it reads only through slots 0 and 1 and skips the fault probes.
+    pub const NO_USER_FAULTS: u16 = 128;
+    /// SYSENTER_CS/ESP set to the kernel's selector and stack.
+    pub const SYSENTER_STACK: u16 = 256;
 }
 
 /// The probe program's bytes, with `flags` (bits 0–6 of the control MSR) and `options`
 /// ([`opts`]) patched in.
-pub fn program(flags: u8, options: u8) -> Vec<u8> {
+pub fn program(flags: u8, options: u16) -> Vec<u8> {
     // SAFETY: both symbols are labels of the one read-only section the global_asm! above
     // defines, start before end, so the range between them is that section's initialized,
     // immutable bytes; only their addresses are taken and the range is copied out.
@@ -1009,7 +1105,7 @@ pub fn program(flags: u8, options: u8) -> Vec<u8> {
     // The last 16 bytes are `pn_flags` and `pn_opts`.
     if let Some(n) = code.len().checked_sub(16) {
         code[n] = flags & 0x7f;
-        code[n + 8] = options;
+        code[n + 8..n + 10].copy_from_slice(&options.to_le_bytes());
     }
     code
 }

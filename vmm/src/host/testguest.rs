@@ -260,7 +260,7 @@ pub fn ring0_fwait() -> TestGuest {
 
 /// The native-mode probe of [`super::pvmnative`], starting in ring 0, with `flags` in the low
 /// bits of its control-MSR write and the probe's `options`.
-pub fn pvm_native(flags: u8, options: u8) -> TestGuest {
+pub fn pvm_native(flags: u8, options: u16) -> TestGuest {
     TestGuest {
         code: super::pvmnative::program(flags, options),
         mode: CpuMode::Long64,
@@ -282,13 +282,13 @@ pub fn by_name(name: &str) -> Option<TestGuest> {
         _ => {
             // pvm-native[:FLAGS[:OPTIONS]]
             if let Some(rest) = name.strip_prefix("pvm-native") {
-                let mut n = rest.split(':').skip(1).map(|v| v.parse::<u8>().ok());
-                let flags = n.next().unwrap_or(Some(0)).filter(|f| *f < 0x80)?;
-                let options = n.next().unwrap_or(Some(0))?;
-                if n.next().is_some() || !(rest.is_empty() || rest.starts_with(':')) {
-                    return None;
-                }
-                return Some(pvm_native(flags, options));
+                let (flags, options): (u8, u16) = match rest.split(':').collect::<Vec<_>>()[..] {
+                    [""] => (0, 0),
+                    ["", f] => (f.parse().ok()?, 0),
+                    ["", f, o] => (f.parse().ok()?, o.parse().ok()?),
+                    _ => return None,
+                };
+                return (flags < 0x80).then(|| pvm_native(flags, options));
             }
             let code = name.strip_prefix("status-")?.parse().ok()?;
             status(Status::Exited(code))
@@ -420,5 +420,18 @@ mod tests {
         );
         assert!(by_name("status-300").is_none());
         assert!(by_name("nope").is_none());
+        assert!(by_name("pvm-native").is_some());
+        assert_eq!(
+            by_name("pvm-native:16:300").unwrap().code,
+            pvm_native(16, 300).code
+        );
+        for bad in [
+            "pvm-native:",
+            "pvm-native:128",
+            "pvm-native:1:2:3",
+            "pvm-natives",
+        ] {
+            assert!(by_name(bad).is_none(), "{bad}");
+        }
     }
 }
