@@ -185,6 +185,12 @@ fn hypercalls_and_the_paravirtual_cpuid_answer() {
     // Leaf 0x4000_0000: KVM's signature, "KVMKVMKVM", and its highest leaf.
     assert_eq!(value(r, "pvcpuid_40000000_ebx") as u32, 0x4b4d_564b);
     assert!(value(r, "pvcpuid_40000000_eax") >= 0x4000_0001);
+    // The plain `cpuid` is answered for the host's own CPU state, not this VM's: leaf 1's
+    // OSXSAVE bit (which mirrors the asker's CR4) is set there and clear through int 0x1a
+    // (this guest never set CR4.OSXSAVE). A port takes CPUID from int 0x1a.
+    const OSXSAVE: u64 = 1 << 27;
+    assert_eq!(value(r, "pvcpuid_1_ecx") & OSXSAVE, 0);
+    assert_ne!(value(r, "cpuid_1_ecx") & OSXSAVE, 0);
     println!(
         "pvm-native (PVM): hypercall round trip {:.2} us",
         ns(r, "hypercall_cycles", pn::HYPERCALLS) / 1e3

@@ -1,18 +1,21 @@
 //! The native-mode probe: a test guest that finds out whether this host's PVM "native" mode
 //! (guest ring 0 run by the CPU instead of KVM's emulator) holds up, and at what cost. It is a
 //! spike for a PVM-aware guest kernel (issue 23, `images/kernel/pvm/NATIVE.md`), not part of
-//! how vmrun runs guests: nothing else starts it.
+//! how vmrun runs guests: only `vmrun test-guest pvm-native[:FLAGS[:OPTIONS]]` starts it.
 //!
-//! The guest starts in (emulated) ring 0, sets up page tables, GDT, TSS, IDT and the syscall
-//! MSRs, reads the PVM identification MSRs (a #GP there means "no PVM": it says so and stops),
-//! times a ring-0 loop, then enters native mode by writing the VIF page's address into MSR
-//! 0x4b564d10 and probes, in order: ring-0 speed, a trapped privileged instruction, the
-//! hypercall (`int 0x1b`) and the paravirtual CPUID (`int 0x1a`), an exception through the
-//! guest IDT and back, a page fault's CR2, a LAPIC timer interrupt masked and unmasked through
-//! the VIF page, the halt hypercall, and a trip to guest user mode and back by
-//! syscall/sysret, where user code tries to read kernel memory and run a privileged
-//! instruction. Each result is a `PVMN key=0x…` line on the serial console, printed as soon as
-//! it is known, so a host that kills a livelocked probe still sees how far it got.
+//! The guest starts in (emulated) ring 0, sets up page tables (everything user-accessible, a
+//! PTI-style user table beside them, aliases in several PML4 slots), Linux's GDT layout, a
+//! TSS, an IDT and the syscall MSRs, reads the PVM identification MSRs (a #GP there means "no
+//! PVM": it says so and stops), times a ring-0 loop, then enters native mode by writing the
+//! VIF page's address (and FLAGS) into MSR 0x4b564d10 and probes, in order: ring-0 speed, a
+//! trapped privileged instruction, the hypercall (`int 0x1b`), the paravirtual and the plain
+//! CPUID, exceptions through the guest IDT and back, a page fault's CR2, a LAPIC timer
+//! interrupt masked and unmasked through the VIF page, the halt hypercall, which PML4 slots
+//! the kernel can use, GS and `swapgs`, and a trip to guest user mode and back, where user
+//! code times syscalls, reads through every slot, faults, and runs a privileged instruction.
+//! OPTIONS ([`opts`]) choose the ways back (instructions or hypercalls) and leave parts out.
+//! Each result is a `PVMN key=0x…` line on the serial console, printed as soon as it is known,
+//! so a host that kills a livelocked probe still sees how far it got.
 //!
 //! The program is assembled by the Rust toolchain (`global_asm!`) into a read-only data
 //! section of this binary and copied into guest memory at run time, so it must stay
@@ -351,6 +354,19 @@ vmrun_pvm_native_start:
     mov eax, ecx
     call pn_kv
     .asciz "pvcpuid_1_ecx"
+    # The plain instruction, for comparison: who answers it in native mode?
+    mov eax, 0x40000000
+    xor ecx, ecx
+    cpuid
+    mov eax, ebx
+    call pn_kv
+    .asciz "cpuid_40000000_ebx"
+    mov eax, 1
+    xor ecx, ecx
+    cpuid
+    mov eax, ecx
+    call pn_kv
+    .asciz "cpuid_1_ecx"
 
     # An exception through the guest IDT and back (ud2: the handler skips it, iretq).
     call pn_tsc_start
