@@ -316,9 +316,12 @@ fn user_mode_runs_and_comes_back_by_syscall_and_by_exception() {
             );
         }
         if options & opts::HC_IRET_FRAME != 0 {
-            // A privileged instruction in user mode is a #GP for the guest, not emulated.
+            // A privileged instruction in user mode is a #GP for the guest, not emulated,
+            // delivered on the kernel stack TSS.RSP0 names, with the user CS in its frame.
             assert_eq!(value(r, "user_priv_ran"), 0, "options {options}");
             assert_eq!(value(r, "user_priv_vector"), 13);
+            assert_eq!(value(r, "fault_stack_top"), pn::KSTACK);
+            assert_eq!(value(r, "fault_cs"), 0x33);
         } else {
             // A plain iretq to the user frame (CS 0x33, the host's own user CS) runs on the
             // CPU without trapping, so the host never sees the return to user mode: the user

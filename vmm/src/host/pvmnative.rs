@@ -43,6 +43,8 @@ pub const SKIPPED: u64 = 0x5c1b;
 /// Guest physical (and virtual, identity-mapped) addresses of the probe's kernel PGD (its
 /// user PGD is the next page, as with Linux's PTI), the VIF page and the data page.
 pub const PML4: u64 = 0x40_0000;
+/// The kernel stack's top, also TSS.RSP0.
+pub const KSTACK: u64 = 0x3f_0000;
 pub const VIF: u64 = 0x40_8000;
 pub const DATA: u64 = 0x40_9000;
 const SECRET_OFF: u64 = 0xa0;
@@ -790,6 +792,9 @@ pn_isr:
     mov qword ptr [{D_F_RIP}], rdx
     mov rdx, qword ptr [rsp + 96]
     mov qword ptr [{D_F_CS}], rdx
+    # Where the frame was pushed: the stack top before it (TSS.RSP0 for one from user mode).
+    lea rdx, [rsp + 128]
+    mov qword ptr [{D_F_TOP}], rdx
     mov rdx, qword ptr [{VIF} + 8]
     mov qword ptr [{D_F_CR2VIF}], rdx
     mov rdx, cr2
@@ -857,6 +862,9 @@ pn_fault_report:
     mov rax, qword ptr [{D_F_CS}]
     call pn_kv
     .asciz "fault_cs"
+    mov rax, qword ptr [{D_F_TOP}]
+    call pn_kv
+    .asciz "fault_stack_top"
     mov rax, qword ptr [{D_F_CR2VIF}]
     call pn_kv
     .asciz "fault_cr2_vif"
@@ -1015,7 +1023,7 @@ pn_opts:
 vmrun_pvm_native_end:
     .popsection
 "#,
-    KSTACK = const 0x3f_0000u64,
+    KSTACK = const KSTACK,
     USTACK = const 0x3e_0000u64,
     PML4 = const PML4,
     UPML4 = const PML4 + 0x1000,
@@ -1058,6 +1066,7 @@ vmrun_pvm_native_end:
     D_S_GS = const DATA + 0x348,
     D_U_GS2 = const DATA + 0x350,
     D_U_CR3 = const DATA + 0x358,
+    D_F_TOP = const DATA + 0x360,
     COLD = const DATA + 0x1000,
     COLD_511 = const alias(511) - SECRET_OFF + 0x1000,
     KSTACK_HI = const 0xffff_ffff_803f_0000u64,
