@@ -100,6 +100,17 @@ vmrun_pvm_native_start:
     mov qword ptr [{PML4} + 8*511], rax
     # The user PGD (CR3 + 4 KiB, the PTI layout) has slot 0 and an alias in slot 1 only.
     mov qword ptr [{UPML4} + 8*1], rax
+    # Option 512: and, in slot 511, only the 2 MiB page holding the kernel stack (what PTI's
+    # user table keeps of the kernel: the entry stack).
+    test dword ptr [rip + pn_opts], 512
+    jz 2f
+    mov rax, 0x200000 + 0x87
+    mov qword ptr [{PD_U_HI} + 8*1], rax
+    mov rax, {PD_U_HI} + 7
+    mov qword ptr [{PDPT_U_HI} + 8*510], rax
+    mov rax, {PDPT_U_HI} + 7
+    mov qword ptr [{UPML4} + 8*511], rax
+2:
     mov rax, {PML4}
     mov cr3, rax
 
@@ -562,6 +573,9 @@ pn_after_user:
     mov rax, qword ptr [{D_S_GS}]
     call pn_kv
     .asciz "syscall_entry_gs"
+    mov rax, qword ptr [{D_S_CR3}]
+    call pn_kv
+    .asciz "syscall_entry_cr3"
     rdgsbase rax
     call pn_kv
     .asciz "kernel_gs_back"
@@ -698,15 +712,36 @@ pn_user:
 
     # syscall entry: count and sysret, or (rax = 1) take user mode's results and go back.
 pn_syscall:
-    cmp rax, 1
+    # Option 1024 (PTI's entry): switch to the kernel table first.
+    test dword ptr [rip + pn_opts], 1024
+    jz 6f
+    mov qword ptr [{D_SCRATCH}], rax
+    mov rax, cr3
+    btr rax, 12
+    mov cr3, rax
+    mov rax, qword ptr [{D_SCRATCH}]
+6:  cmp rax, 1
     je 2f
     # GS base as the syscall entry finds it, the first time.
     cmp qword ptr [{D_SYSCALLS}], 0
     jne 5f
     rdgsbase rbx
     mov qword ptr [{D_S_GS}], rbx
+    mov rbx, cr3
+    mov qword ptr [{D_S_CR3}], rbx
 5:  inc qword ptr [{D_SYSCALLS}]
+    # Option 1024: back on the user table before returning by sysretq or SYSRET
+    # (IRET_FRAME is called from the kernel table).
+    test dword ptr [rip + pn_opts], 1024
+    jz 7f
     test byte ptr [rip + pn_opts], 32
+    jnz 7f
+    mov qword ptr [{D_SCRATCH}], rax
+    mov rax, cr3
+    bts rax, 12
+    mov cr3, rax
+    mov rax, qword ptr [{D_SCRATCH}]
+7:  test byte ptr [rip + pn_opts], 32
     jz 4f
     # Option 32: the IRET_FRAME hypercall with a frame built from rcx/r11 (this entry has
     # no stack of its own, so the frame lives in the data page).
@@ -748,7 +783,15 @@ pn_isr:
     push r9
     push r10
     push r11
-    mov rax, qword ptr [rsp + 72]
+    # Option 1024 (PTI's entry): from user mode, switch to the kernel table first.
+    test dword ptr [rip + pn_opts], 1024
+    jz 7f
+    test byte ptr [rsp + 96], 3
+    jz 7f
+    mov rax, cr3
+    btr rax, 12
+    mov cr3, rax
+7:  mov rax, qword ptr [rsp + 72]
     cmp rax, 0x40
     je 4f
     cmp rax, 6
@@ -837,7 +880,18 @@ pn_isr:
     add rsp, 16
     test byte ptr [rsp + 8], 3
     jz 6f
+    # Option 1024: back on the user table before returning to user mode by iretq
+    # (IRET_FRAME is called from the kernel table).
+    test dword ptr [rip + pn_opts], 1024
+    jz 8f
     test byte ptr [rip + pn_opts], 2
+    jnz 8f
+    push rax
+    mov rax, cr3
+    bts rax, 12
+    mov cr3, rax
+    pop rax
+8:  test byte ptr [rip + pn_opts], 2
     jz 6f
     # Option 2: back to user mode by the IRET_FRAME hypercall: rbx points at rax, rbx, rdi
     # (restored from there) and then the iret frame.
@@ -1067,6 +1121,10 @@ vmrun_pvm_native_end:
     D_U_GS2 = const DATA + 0x350,
     D_U_CR3 = const DATA + 0x358,
     D_F_TOP = const DATA + 0x360,
+    PDPT_U_HI = const 0x40_b000u64,
+    D_SCRATCH = const DATA + 0x368,
+    D_S_CR3 = const DATA + 0x370,
+    PD_U_HI = const 0x40_c000u64,
     COLD = const DATA + 0x1000,
     COLD_511 = const alias(511) - SECRET_OFF + 0x1000,
     KSTACK_HI = const 0xffff_ffff_803f_0000u64,
@@ -1113,6 +1171,12 @@ pub mod opts {
     pub const NO_USER_FAULTS: u16 = 128;
     /// SYSENTER_CS/ESP set to the kernel's selector and stack.
     pub const SYSENTER_STACK: u16 = 256;
+    /// The user page table of control bit 0 also maps, at -2 GiB, the 2 MiB page that holds
+    /// the kernel stack (PTI's entry stack), and nothing else of the kernel half.
+    pub const USER_PGD_ENTRY_STACK: u16 = 512;
+    /// PTI's entry: exception and syscall entries from user mode switch CR3 to the kernel
+    /// table (bit 12 clear) first, and back to the user table before returning.
+    pub const PTI_CR3_SWITCH: u16 = 1024;
 }
 
 /// The probe program's bytes, with `flags` (bits 0–6 of the control MSR) and `options`
