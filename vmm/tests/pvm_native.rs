@@ -124,6 +124,20 @@ fn value(r: &Report, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no `{key}` in {:?}", r.values))
 }
 
+/// What a read of the secret through PML4 slot `slot` from `mode` ("kernel", "user") left:
+/// (the value or FAULTED, the fault's vector or 0).
+fn read(r: &Report, mode: &str, slot: &str) -> (u64, u64) {
+    (
+        value(r, &format!("{mode}_read_slot{slot}")),
+        value(r, &format!("{mode}_read_slot{slot}_vector")),
+    )
+}
+
+/// Microseconds of the TSC cycles the probe reported under `key`.
+fn us(r: &Report, key: &str) -> f64 {
+    value(r, key) as f64 * 1e3 / value(r, "tsc_khz") as f64
+}
+
 fn ns(r: &Report, key: &str, iterations: u64) -> f64 {
     r.ns_per(key, iterations)
         .unwrap_or_else(|| panic!("no `{key}` or tsc_khz in {:?}", r.values))
@@ -254,11 +268,10 @@ fn timer_interrupts_follow_the_vif_mask() {
         value(r, "halt_ticks") >= 1,
         "the halt hypercall ends with a tick"
     );
-    let khz = value(r, "tsc_khz") as f64;
     println!(
         "pvm-native (PVM): first tick {:.0} us after unmasking, halt returned after {:.1} us",
-        value(r, "timer_first_cycles") as f64 * 1e3 / khz,
-        value(r, "halt_cycles") as f64 * 1e3 / khz
+        us(r, "timer_first_cycles"),
+        us(r, "halt_cycles")
     );
     // The same with the pending handshake: unmasking with vif.pending set makes a
     // hypercall, and the tick is delivered on its way back.
@@ -274,7 +287,7 @@ fn timer_interrupts_follow_the_vif_mask() {
     assert!(value(r, "timer_unmasked_count") >= 5);
     println!(
         "pvm-native (PVM): first tick {:.0} us after unmasking with a hypercall",
-        value(r, "timer_first_cycles") as f64 * 1e3 / value(r, "tsc_khz") as f64
+        us(r, "timer_first_cycles")
     );
 }
 
@@ -369,28 +382,26 @@ fn without_a_user_page_table_user_mode_reads_kernel_memory() {
         return;
     };
     let r = complete(run);
-    let read = |mode: &str, slot: &str| {
-        (
-            value(r, &format!("{mode}_read_slot{slot}")),
-            value(r, &format!("{mode}_read_slot{slot}_vector")),
-        )
-    };
     for mode in ["kernel", "user"] {
-        assert_eq!(read(mode, "0"), (SECRET, 0), "{mode}, slot 0");
-        assert_eq!(read(mode, "1"), (FAULTED, 14), "{mode}, slot 1 is unmapped");
+        assert_eq!(read(r, mode, "0"), (SECRET, 0), "{mode}, slot 0");
         assert_eq!(
-            read(mode, "256"),
+            read(r, mode, "1"),
+            (FAULTED, 14),
+            "{mode}, slot 1 is unmapped"
+        );
+        assert_eq!(
+            read(r, mode, "256"),
             (FAULTED, 14),
             "{mode}, slot 256 is the host's"
         );
         for slot in ["271", "272", "273"] {
-            assert_eq!(read(mode, slot), (SECRET, 0), "{mode}, slot {slot}");
+            assert_eq!(read(r, mode, slot), (SECRET, 0), "{mode}, slot {slot}");
         }
-        assert_eq!(read(mode, "510"), (SECRET, 0), "{mode}, slot 510");
-        assert_eq!(read(mode, "511"), (SECRET, 0), "{mode}, slot 511");
+        assert_eq!(read(r, mode, "510"), (SECRET, 0), "{mode}, slot 510");
+        assert_eq!(read(r, mode, "511"), (SECRET, 0), "{mode}, slot 511");
     }
     // A kernel-half page the kernel never touched there: readable from user mode at once.
-    assert_eq!(read("user", "511_cold"), (SECRET, 0));
+    assert_eq!(read(r, "user", "511_cold"), (SECRET, 0));
 }
 
 /// Flag bit 0 gives user mode its own page table at CR3 + 4 KiB, what Linux's PTI keeps
@@ -451,7 +462,8 @@ fn with_the_user_page_table_flag_the_entry_stack_must_be_a_kernel_address_in_bot
 /// stack at -2 GiB, mapped in both tables; every return to user mode by IRET_FRAME, made
 /// from the kernel table. User mode is then isolated: every kernel-half slot faults, a
 /// privileged instruction is a #GP, and syscalls are the fastest of all the variants. Without
-/// bit 1 the entry code switches CR3 itself (a trapped `mov cr3` each way), which works too.
+/// bit 1 the entry code switches CR3 itself (a trapped `mov cr3` on entry; IRET_FRAME switches
+/// back), which works too.
 #[test]
 fn with_pti_and_preflip_user_mode_is_isolated_from_the_kernel() {
     const PREFLIP: u8 = 1 << 1;
@@ -481,10 +493,7 @@ fn with_pti_and_preflip_user_mode_is_isolated_from_the_kernel() {
         );
         for slot in ["256", "271", "272", "273", "510", "511", "511_cold"] {
             assert_eq!(
-                (
-                    value(r, &format!("user_read_slot{slot}")),
-                    value(r, &format!("user_read_slot{slot}_vector"))
-                ),
+                read(r, "user", slot),
                 (FAULTED, 14),
                 "user read through slot {slot} ({what})"
             );

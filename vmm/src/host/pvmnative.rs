@@ -65,6 +65,16 @@ pub const fn alias(slot: u64) -> u64 {
 std::arch::global_asm!(
     r#"
     .pushsection .rodata.vmrun_pvm_native, "a"
+    # Option 1024's CR3 switch: `bts` to the user table (CR3 + 4 KiB), `btr` to the kernel's.
+    # Keeps every register (rax through the data page: the syscall entry has no stack).
+    .macro PTI_CR3 op
+    mov qword ptr [{D_SCRATCH}], rax
+    mov rax, cr3
+    \op rax, 12
+    mov cr3, rax
+    mov rax, qword ptr [{D_SCRATCH}]
+    .endm
+
     .balign 16
     .globl vmrun_pvm_native_start
 vmrun_pvm_native_start:
@@ -200,17 +210,6 @@ vmrun_pvm_native_start:
     mov eax, 0x47700
     xor edx, edx
     wrmsr
-    # Option 256: SYSENTER_CS/ESP = the kernel stack, in case the host takes the supervisor
-    # stack from there.
-    test dword ptr [rip + pn_opts], 256
-    jz 2f
-    mov ecx, 0x174
-    mov eax, 0x10
-    wrmsr
-    mov ecx, 0x175
-    mov eax, {KSTACK}
-    wrmsr
-2:
     mov rax, {SECRET}
     mov qword ptr [{D_SECRET}], rax
     call pn_say
@@ -296,7 +295,6 @@ vmrun_pvm_native_start:
     mov qword ptr [{D_FIXUP}], rsi
     wrmsr
     mov qword ptr [{D_FIXUP}], 0
-    mov qword ptr [{D_NATIVE}], 1
     call pn_say
     .asciz "native"
     mov ecx, 0x4b564d10
@@ -695,10 +693,7 @@ pn_user:
     # The same reads from user mode (the addresses are in the data page).
     mov rdi, {D_U_RES}
     xor r14d, r14d
-    test byte ptr [rip + pn_opts], 16
-    jz 2f
-    mov r14d, 4
-2:  call pn_read_all
+    call pn_read_all
     lea rax, [rip + 5f]
     mov qword ptr [{D_FIXUP}], rax
     xor r10d, r10d
@@ -715,11 +710,7 @@ pn_syscall:
     # Option 1024 (PTI's entry): switch to the kernel table first.
     test dword ptr [rip + pn_opts], 1024
     jz 6f
-    mov qword ptr [{D_SCRATCH}], rax
-    mov rax, cr3
-    btr rax, 12
-    mov cr3, rax
-    mov rax, qword ptr [{D_SCRATCH}]
+    PTI_CR3 btr
 6:  cmp rax, 1
     je 2f
     # GS base as the syscall entry finds it, the first time.
@@ -736,11 +727,7 @@ pn_syscall:
     jz 7f
     test byte ptr [rip + pn_opts], 32
     jnz 7f
-    mov qword ptr [{D_SCRATCH}], rax
-    mov rax, cr3
-    bts rax, 12
-    mov cr3, rax
-    mov rax, qword ptr [{D_SCRATCH}]
+    PTI_CR3 bts
 7:  test byte ptr [rip + pn_opts], 32
     jz 4f
     # Option 32: the IRET_FRAME hypercall with a frame built from rcx/r11 (this entry has
@@ -788,9 +775,7 @@ pn_isr:
     jz 7f
     test byte ptr [rsp + 96], 3
     jz 7f
-    mov rax, cr3
-    btr rax, 12
-    mov cr3, rax
+    PTI_CR3 btr
 7:  mov rax, qword ptr [rsp + 72]
     cmp rax, 0x40
     je 4f
@@ -800,30 +785,7 @@ pn_isr:
     je 2f
     inc qword ptr [{D_UD}]
     add qword ptr [rsp + 88], 2
-    test byte ptr [rip + pn_opts], 4
-    jz 5f
-    cmp qword ptr [{D_NATIVE}], 0
-    je 5f
-    # Option 4: return by the IRET_FRAME hypercall (rax and rbx are free in the ud2 loop).
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rax
-    add rsp, 16
-    sub rsp, 24
-    mov qword ptr [rsp], rax
-    mov qword ptr [rsp + 8], rbx
-    mov qword ptr [rsp + 16], rdi
-    mov rbx, rsp
-    mov eax, 0x100d
-    int 0x1b
-    mov qword ptr [{D_HCRET}], rax
-    iretq
+    jmp 5f
 2:  mov rcx, qword ptr [{D_FIXUP}]
     test rcx, rcx
     jz 3f
@@ -886,11 +848,7 @@ pn_isr:
     jz 8f
     test byte ptr [rip + pn_opts], 2
     jnz 8f
-    push rax
-    mov rax, cr3
-    bts rax, 12
-    mov cr3, rax
-    pop rax
+    PTI_CR3 bts
 8:  test byte ptr [rip + pn_opts], 2
     jz 6f
     # Option 2: back to user mode by the IRET_FRAME hypercall: rbx points at rax, rbx, rdi
@@ -972,16 +930,22 @@ pn_tsc_end:
     sub rax, r15
     ret
 
-    # `call pn_say` then a NUL-terminated word: prints `PVMN word`.
-pn_say:
-    push rsi
-    mov rsi, qword ptr [rsp + 8]
+    # For pn_say and pn_kv, right after their `push rsi`: prints `PVMN ` and the word their
+    # caller placed after its call, and moves their return address past the word.
+pn_head:
+    mov rsi, qword ptr [rsp + 16]
     push rsi
     lea rsi, [rip + pn_prefix]
     call pn_puts
     pop rsi
     call pn_puts
-    mov qword ptr [rsp + 8], rsi
+    mov qword ptr [rsp + 16], rsi
+    ret
+
+    # `call pn_say` then a NUL-terminated word: prints `PVMN word`.
+pn_say:
+    push rsi
+    call pn_head
     push rax
     push rdx
     mov dx, {SERIAL}
@@ -995,13 +959,7 @@ pn_say:
     # `call pn_kv` then a NUL-terminated key: prints `PVMN key=0x<rax>`. Keeps every register.
 pn_kv:
     push rsi
-    mov rsi, qword ptr [rsp + 8]
-    push rsi
-    lea rsi, [rip + pn_prefix]
-    call pn_puts
-    pop rsi
-    call pn_puts
-    mov qword ptr [rsp + 8], rsi
+    call pn_head
     push rax
     push rcx
     push rdx
@@ -1110,7 +1068,6 @@ vmrun_pvm_native_end:
     D_U_PRIV = const DATA + 0x98,
     D_SECRET = const DATA + SECRET_OFF,
     D_DTR = const DATA + 0xb0,
-    D_NATIVE = const DATA + 0xc0,
     D_U_ADDR = const DATA + 0x100,
     D_U_RES = const DATA + 0x180,
     D_K_RES = const DATA + 0x400,
@@ -1144,6 +1101,8 @@ vmrun_pvm_native_end:
     STATUS_PORT = const crate::arch::x86_64::layout::STATUS_PORT,
 );
 
+// SAFETY: both names are labels the global_asm! above defines in one read-only section;
+// declared as single bytes, they are only ever used for their addresses.
 unsafe extern "C" {
     static vmrun_pvm_native_start: u8;
     static vmrun_pvm_native_end: u8;
@@ -1157,20 +1116,14 @@ pub mod opts {
     /// From an exception to user mode by the IRET_FRAME hypercall (0x100d: rbx points at
     /// saved rax, rbx, rdi and then an iret frame) instead of `iretq`.
     pub const HC_IRET_FRAME: u16 = 2;
-    /// From the `ud2` exceptions (kernel to kernel) by the IRET_FRAME hypercall too.
-    pub const HC_IRET_KERNEL: u16 = 4;
     /// The TSS's ring-0 stack through the -2 GiB alias (PML4 slot 511) instead of slot 0.
     pub const HIGH_STACK: u16 = 8;
-    /// User mode leaves out its read through PML4 slot 256 (which the host keeps).
-    pub const NO_USER_SLOT256: u8 = 16;
     /// From a syscall to user mode by the IRET_FRAME hypercall.
     pub const SYSCALL_IRET_FRAME: u16 = 32;
     /// On unmasking with an interrupt pending, a hypercall so the host delivers it at once.
     pub const KICK_ON_UNMASK: u16 = 64;
     /// No fault in user mode: it reads only through slots 0 and 1 and skips the fault probes.
     pub const NO_USER_FAULTS: u16 = 128;
-    /// SYSENTER_CS/ESP set to the kernel's selector and stack.
-    pub const SYSENTER_STACK: u16 = 256;
     /// The user page table of control bit 0 also maps, at -2 GiB, the 2 MiB page that holds
     /// the kernel stack (PTI's entry stack), and nothing else of the kernel half.
     pub const USER_PGD_ENTRY_STACK: u16 = 512;
